@@ -1,0 +1,76 @@
+//! `taming`: the command-line interface of taming-rs.
+//!
+//! Subcommands mirror what the reference's scripts do (reconstruct, encode, decode with a trained
+//! first stage) plus tools the reference lacks: `inspect`, `convert`, `verify` and `bench`.
+
+mod bench;
+mod common;
+mod first_stage_cmds;
+mod inspect;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "taming", version, about = "Taming Transformers (VQGAN + transformer) in Rust")]
+struct Cli {
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Encode and decode an image with a first-stage model; writes the reconstruction and prints PSNR.
+    Reconstruct(first_stage_cmds::ReconstructArgs),
+    /// Encode an image to codebook indices (safetensors or JSON).
+    Encode(first_stage_cmds::EncodeArgs),
+    /// Decode codebook indices (from `taming encode`) to a PNG.
+    Decode(first_stage_cmds::DecodeArgs),
+    /// Show what a config and checkpoint hold: model kind, parameter counts, codebook, unused keys.
+    Inspect(inspect::InspectArgs),
+    /// Write a checkpoint's weights as safetensors, with its merged config beside it.
+    Convert(inspect::ConvertArgs),
+    /// Check parity with reference fixtures (DIR/config.yaml, DIR/model.ckpt, DIR/io.safetensors).
+    Verify(inspect::VerifyArgs),
+    /// Benchmarks, printing JSON lines.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    let result = match cli.cmd {
+        Cmd::Reconstruct(a) => first_stage_cmds::reconstruct(a),
+        Cmd::Encode(a) => first_stage_cmds::encode(a),
+        Cmd::Decode(a) => first_stage_cmds::decode(a),
+        Cmd::Inspect(a) => inspect::inspect(a),
+        Cmd::Convert(a) => inspect::convert(a),
+        Cmd::Verify(a) => inspect::verify(a),
+        Cmd::Bench(b) => bench::run(b),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Building blocks of the VQGAN encoder and decoder.
+//!
+//! Mirrors `taming/modules/diffusionmodules/model.py`: `Normalize` (GroupNorm with 32 groups and the
+//! reference's eps of 1e-6), `nonlinearity` (swish), `ResnetBlock`, `AttnBlock`, `Upsample` and
+//! `Downsample` (with the reference's asymmetric `(0, 1, 0, 1)` zero padding before a stride-2 conv).
+//! Module paths follow the reference's state-dict keys (`norm1`, `conv1`, `nin_shortcut`, `q`, ...).
+
+use candle_core::{Module, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+
+use crate::Result;
+
+/// The reference's GroupNorm epsilon (`Normalize` in model.py), not torch's default 1e-5.
+pub const GROUP_NORM_EPS: f64 = 1e-6;
+/// The reference's GroupNorm group count.
+pub const GROUP_NORM_GROUPS: usize = 32;
+
+/// `Normalize(in_channels)`: GroupNorm(32, C, eps=1e-6, affine=True).
+pub fn normalize(channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
+    Ok(candle_nn::group_norm(
+        GROUP_NORM_GROUPS,
+        channels,
+        GROUP_NORM_EPS,
+        vb,
+    )?)
+}
+
+/// A `torch.nn.Conv2d` with a square kernel, bias included.
+pub fn conv2d(
+    in_c: usize,
+    out_c: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    Ok(candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?)
+}
+
+/// `nonlinearity(x) = x * sigmoid(x)` (swish / SiLU).
+pub fn swish(x: &Tensor) -> Result<Tensor> {
+    Ok(x.silu()?)
+}
+
+/// `ResnetBlock` without timestep embedding (the VQGAN uses `temb_channels=0`).
+#[derive(Debug, Clone)]
+pub struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock {
+    /// `conv_shortcut` selects the reference's 3x3 `conv_shortcut` instead of the 1x1 `nin_shortcut`
+    /// when the channel count changes.
+    pub fn new(
+        in_c: usize,
+        out_c: usize,
+        conv_shortcut: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let shortcut = if in_c != out_c {
+            Some(if conv_shortcut {
+                conv2d(in_c, out_c, 3, 1, 1, vb.pp("conv_shortcut"))?
+            } else {
+                conv2d(in_c, out_c, 1, 1, 0, vb.pp("nin_shortcut"))?
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: normalize(in_c, vb.pp("norm1"))?,
+            conv1: conv2d(in_c, out_c, 3, 1, 1, vb.pp("conv1"))?,
+            norm2: normalize(out_c, vb.pp("norm2"))?,
+            conv2: conv2d(out_c, out_c, 3, 1, 1, vb.pp("conv2"))?,
+            shortcut,
+        })
+    }
+
+    /// x: (B, C_in, H, W) -> (B, C_out, H, W). Dropout is the identity at inference.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = swish(&self.norm1.forward(x)?)?; // (B, C_in, H, W)
+        let h = self.conv1.forward(&h)?; // (B, C_out, H, W)
+        let h = swish(&self.norm2.forward(&h)?)?;
+        let h = self.conv2.forward(&h)?; // (B, C_out, H, W)
+        let x = match &self.shortcut {
+            Some(conv) => conv.forward(x)?, // (B, C_out, H, W)
+            None => x.clone(),
+        };
+        Ok((x + h)?)
+    }
+}
+
+/// `AttnBlock`: single-head spatial self-attention with 1x1 convolutions for q, k, v and the output.
+#[derive(Debug, Clone)]
+pub struct AttnBlock {
+    norm: GroupNorm,
+    q: Conv2d,
+    k: Conv2d,
+    v: Conv2d,
+    proj_out: Conv2d,
+}
+
+impl AttnBlock {
+    pub fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm: normalize(c, vb.pp("norm"))?,
+            q: conv2d(c, c, 1, 1, 0, vb.pp("q"))?,
+            k: conv2d(c, c, 1, 1, 0, vb.pp("k"))?,
+            v: conv2d(c, c, 1, 1, 0, vb.pp("v"))?,
+            proj_out: conv2d(c, c, 1, 1, 0, vb.pp("proj_out"))?,
+        })
+    }
+
+    /// x: (B, C, H, W) -> (B, C, H, W).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let hn = self.norm.forward(x)?;
+        let q = self.q.forward(&hn)?.reshape((b, c, h * w))?; // (B, C, HW)
+        let k = self.k.forward(&hn)?.reshape((b, c, h * w))?; // (B, C, HW)
+        let v = self.v.forward(&hn)?.reshape((b, c, h * w))?; // (B, C, HW)
+        let q = q.transpose(1, 2)?.contiguous()?; // (B, HW, C)
+        let scores = (q.matmul(&k)? * (c as f64).powf(-0.5))?; // (B, HWq, HWk)
+        let attn = candle_nn::ops::softmax_last_dim(&scores)?; // (B, HWq, HWk)
+        // out[b, c, i] = sum_j v[b, c, j] * attn[b, i, j]
+        let out = v.matmul(&attn.transpose(1, 2)?.contiguous()?)?; // (B, C, HWq)
+        let out = self.proj_out.forward(&out.reshape((b, c, h, w))?)?; // (B, C, H, W)
+        Ok((x + out)?)
+    }
+}
+
+/// `Upsample`: nearest-neighbour 2x, then an optional 3x3 conv.
+#[derive(Debug, Clone)]
+pub struct Upsample {
+    conv: Option<Conv2d>,
+}
+
+impl Upsample {
+    pub fn new(c: usize, with_conv: bool, vb: VarBuilder) -> Result<Self> {
+        let conv = if with_conv {
+            Some(conv2d(c, c, 3, 1, 1, vb.pp("conv"))?)
+        } else {
+            None
+        };
+        Ok(Self { conv })
+    }
+
+    /// x: (B, C, H, W) -> (B, C, 2H, 2W).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let x = x.upsample_nearest2d(2 * h, 2 * w)?; // (B, C, 2H, 2W)
+        match &self.conv {
+            Some(conv) => Ok(conv.forward(&x)?),
+            None => Ok(x),
+        }
+    }
+}
+
+/// `Downsample`: with a conv, the reference pads right and bottom by one zero row/column
+/// (asymmetric padding, a named quirk) and applies a 3x3 stride-2 conv without padding;
+/// without a conv it is a 2x2 average pool.
+#[derive(Debug, Clone)]
+pub struct Downsample {
+    conv: Option<Conv2d>,
+}
+
+impl Downsample {
+    pub fn new(c: usize, with_conv: bool, vb: VarBuilder) -> Result<Self> {
+        let conv = if with_conv {
+            Some(conv2d(c, c, 3, 2, 0, vb.pp("conv"))?)
+        } else {
+            None
+        };
+        Ok(Self { conv })
+    }
+
+    /// x: (B, C, H, W) -> (B, C, H/2, W/2).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.conv {
+            Some(conv) => {
+                // F.pad(x, (0, 1, 0, 1)): one zero column on the right, one zero row at the bottom.
+                let x = x.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(2, 0, 1)?; // (B, C, H+1, W+1)
+                Ok(conv.forward(&x)?)
+            }
+            None => Ok(x.avg_pool2d(2)?),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// Downsample's asymmetric padding: the output only depends on the input's top-left pixels in
+    /// the first output position, and the last row/column see one zero row/column of padding.
+    #[test]
+    fn downsample_pads_right_and_bottom_only() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let mut map = std::collections::HashMap::new();
+        // A 3x3 kernel of ones, no bias: each output is the sum of a 3x3 window.
+        map.insert("conv.weight".to_string(), Tensor::ones((1, 1, 3, 3), DType::F32, &dev)?);
+        map.insert("conv.bias".to_string(), Tensor::zeros(1, DType::F32, &dev)?);
+        let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
+        let down = Downsample::new(1, true, vb)?;
+        let x = Tensor::ones((1, 1, 4, 4), DType::F32, &dev)?;
+        let y = down.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        // windows at (0,0) full 3x3 = 9; at (0,2) covers cols 2,3 + pad = 6; (2,0) = 6; (2,2) = 4.
+        assert_eq!(y, vec![9.0, 6.0, 6.0, 4.0]);
+        Ok(())
+    }
+
+    /// GroupNorm eps 1e-6 (the reference's), not torch's 1e-5: on a group whose variance is 1e-6 the
+    /// normalised values are +-1/sqrt(2) with eps 1e-6 and +-0.30 with eps 1e-5.
+    #[test]
+    fn group_norm_uses_reference_eps() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let mut map = std::collections::HashMap::new();
+        map.insert("weight".to_string(), Tensor::ones(32, DType::F32, &dev)?);
+        map.insert("bias".to_string(), Tensor::zeros(32, DType::F32, &dev)?);
+        let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
+        let norm = normalize(32, vb)?;
+        // Each channel (= group) holds the values 0 and 0.002: mean 0.001, variance 1e-6.
+        let x = Tensor::new(&[0f32, 0.002], &dev)?.reshape((1, 1, 1, 2))?.repeat((1, 32, 1, 1))?;
+        let y = norm.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let expected = 0.001 / (1e-6f32 + 1e-6).sqrt();
+        assert!((y[1] - expected).abs() < 1e-3, "got {} expected {}", y[1], expected);
+        Ok(())
+    }
+}
