@@ -6,18 +6,28 @@
 //! - [`nn`]: the building blocks of `taming/modules/diffusionmodules/model.py`;
 //! - [`quantize`]: the quantizers of `taming/modules/vqvae/quantize.py`;
 //! - [`first_stage`]: `Encoder`, `Decoder` and the VQ models of `taming/models/vqgan.py`;
+//! - [`transformer`]: the GPT of `taming/modules/transformer/mingpt.py`, with a KV cache;
+//! - [`permuter`]: token orders of `taming/modules/transformer/permuter.py`;
+//! - [`cond_stage`]: conditioning stages (VQ, class, SOS, coordinates);
+//! - [`cond_transformer`]: `Net2NetTransformer` of `taming/models/cond_transformer.py`;
+//! - [`sampling`]: cached autoregressive and sliding-window sampling with top-k/top-p;
 //! - [`model`]: building a model from config + checkpoint, strictly, with a load report;
 //! - [`image_io`]: the reference's image, segmentation and depth conventions;
 //! - [`verify`]: parity checks against fixtures made by the reference.
 
 pub mod checkpoint;
+pub mod cond_stage;
+pub mod cond_transformer;
 pub mod config;
 pub mod error;
 pub mod first_stage;
 pub mod image_io;
 pub mod model;
 pub mod nn;
+pub mod permuter;
 pub mod quantize;
+pub mod sampling;
+pub mod transformer;
 pub mod verify;
 
 pub use error::{Error, Result};

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::checkpoint::StateDict;
+use crate::cond_transformer::Net2NetTransformer;
+use crate::sampling::{no_progress, sample_sequence, sample_sliding, SamplingOptions, SlidingCond};
 use crate::config::{ModelConfig, ProjectConfig, VqKind};
 use crate::first_stage::VqModel;
 use crate::quantize::{index_margin, Quantizer};
@@ -256,9 +258,12 @@ pub fn verify_dir(dir: &Path, device: &Device) -> Result<Report> {
             check_first_stage(&mut ck, &model, &cfg.kind)?;
             Ok(ck.finish(skip_reason))
         }
-        ModelConfig::Transformer(_) => {
-            let ck = Checker::new(&io, dir, "Net2NetTransformer".into());
-            Ok(ck.finish(|_| "the transformer stage is not implemented in this build".into()))
+        ModelConfig::Transformer(cfg) => {
+            let (model, _) = Net2NetTransformer::load(cfg, &sd, DType::F32, device)?;
+            let name = format!("Net2NetTransformer, cond stage: {}", model.cond_stage().describe());
+            let mut ck = Checker::new(&io, dir, name);
+            check_transformer(&mut ck, &model)?;
+            Ok(ck.finish(skip_reason))
         }
     }
 }
@@ -324,6 +329,69 @@ pub fn check_first_stage(ck: &mut Checker, model: &VqModel, kind: &VqKind) -> Re
     }
     if ck.wants("to_rgb") {
         ck.check("to_rgb", &model.to_rgb(&input)?, tol)?;
+    }
+    Ok(())
+}
+
+/// Checks every transformer tensor of FIXTURES.md that the fixture holds: encodings, teacher-forced
+/// logits and cross-entropy, greedy sampling from the condition alone and from half the image,
+/// their decodings, and the sliding-window sampler on a larger input.
+pub fn check_transformer(ck: &mut Checker, model: &Net2NetTransformer) -> Result<()> {
+    let tol = Tolerance::Abs(ABS_TOL);
+    let x = ck.io.require("x")?.clone();
+    let c = ck.io.require("c")?.clone();
+    ck.inputs(&["x", "c", "sliding_x", "sliding_c"]);
+    let z = model.encode_to_z(&x)?;
+    ck.check("z_indices", &z.indices, Tolerance::Exact)?;
+    let ct = model.encode_to_c(&c)?;
+    ck.check("c_indices", &ct.indices, Tolerance::Exact)?;
+    // use the reference's tokens from here on, so that each check tests one thing
+    let z_idx = ck.io.get("z_indices").cloned().unwrap_or(z.indices.clone());
+    let c_idx = ck.io.get("c_indices").cloned().unwrap_or(ct.indices.clone());
+    let logits = model.logits(&c_idx, &z_idx)?;
+    ck.check("logits", &logits, tol)?;
+    if ck.wants("cross_entropy") {
+        let ce = Net2NetTransformer::cross_entropy(&logits, &z_idx)?;
+        ck.check("cross_entropy", &ce.reshape(1)?, Tolerance::Rel(REL_TOL))?;
+    }
+    let greedy = SamplingOptions { greedy: true, ..Default::default() };
+    let (b, n) = z_idx.dims2()?;
+    let gpt = model.gpt();
+    let empty = Tensor::zeros((b, 0), DType::U32, x.device())?;
+    if ck.wants("greedy_indices") {
+        let s = sample_sequence(gpt, &c_idx, &empty, n, &greedy, None, &mut no_progress)?;
+        ck.check("greedy_indices", &s.indices, Tolerance::Exact)?;
+        let path = ck.io.get("greedy_indices").cloned().unwrap_or(s.indices.clone());
+        if ck.wants("greedy_logits") {
+            ck.check("greedy_logits", &model.logits(&c_idx, &path)?, tol)?;
+        }
+        if ck.wants("greedy_image") {
+            ck.check("greedy_image", &model.decode_to_img(&path, z.grid)?, tol)?;
+        }
+    }
+    if ck.wants("half_indices") {
+        let prefix = z_idx.narrow(1, 0, n / 2)?;
+        let s = sample_sequence(gpt, &c_idx, &prefix, n - n / 2, &greedy, None, &mut no_progress)?;
+        ck.check("half_indices", &s.indices, Tolerance::Exact)?;
+        if ck.wants("half_image") {
+            let path = ck.io.get("half_indices").cloned().unwrap_or(s.indices.clone());
+            ck.check("half_image", &model.decode_to_img(&path, z.grid)?, tol)?;
+        }
+    }
+    if let (Some(sx), Some(sc)) = (ck.io.get("sliding_x").cloned(), ck.io.get("sliding_c").cloned()) {
+        let zs = model.encode_to_z(&sx)?;
+        let cs = model.encode_to_c(&sc)?;
+        let cond = if cs.grid == Some(zs.grid) {
+            SlidingCond::Spatial(cs.indices)
+        } else {
+            SlidingCond::Prefix(cs.indices)
+        };
+        let s = sample_sliding(gpt, &cond, zs.grid, model.training_grid(), &greedy, None, &mut no_progress)?;
+        ck.check("sliding_indices", &s.indices, Tolerance::Exact)?;
+        if ck.wants("sliding_image") {
+            let path = ck.io.get("sliding_indices").cloned().unwrap_or(s.indices.clone());
+            ck.check("sliding_image", &model.decode_to_img(&path, zs.grid)?, tol)?;
+        }
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! [`StateDict::load`] sniffs the format from the file's bytes: the zip format of `torch.save`
 //! (torch >= 1.6, any pickle protocol), the legacy non-zip format (torch < 1.6), or safetensors.
 //! candle's own `candle_core::pickle` reader only handles protocol-2 zip files; our reader
-//! ([`pickle`], [`torch`]) also handles protocols 0-5 and the legacy format, and tolerates what
+//! ([`pickle`] and the private `torch` module) also handles protocols 0-5 and the legacy format, and tolerates what
 //! Lightning adds around the weights (optimizer state, callbacks keyed by classes, hyper-parameters).
 //! Files are memory-mapped and only state-dict tensors are materialised.
 //!
@@ -41,7 +41,9 @@ pub enum CheckpointFormat {
 impl fmt::Display for CheckpointFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CheckpointFormat::TorchZip { protocol } => write!(f, "torch zip (pickle protocol {protocol})"),
+            CheckpointFormat::TorchZip { protocol } => {
+                write!(f, "torch zip (pickle protocol {protocol})")
+            }
             CheckpointFormat::TorchLegacy => write!(f, "torch legacy (torch < 1.6)"),
             CheckpointFormat::Safetensors => write!(f, "safetensors"),
         }
@@ -102,7 +104,11 @@ impl StateDict {
             (CheckpointFormat::Safetensors, tensors, metadata)
         } else if torch::is_legacy(bytes) {
             let loaded = torch::load_legacy(path, bytes)?;
-            (CheckpointFormat::TorchLegacy, loaded.tensors, loaded.metadata)
+            (
+                CheckpointFormat::TorchLegacy,
+                loaded.tensors,
+                loaded.metadata,
+            )
         } else {
             let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
             return Err(Error::Checkpoint {
@@ -127,7 +133,10 @@ impl StateDict {
     }
 
     /// A state dict made in memory (e.g. by a conversion); it has no format and no metadata.
-    pub fn from_tensors(tensors: BTreeMap<String, Tensor>, source: impl Into<PathBuf>) -> StateDict {
+    pub fn from_tensors(
+        tensors: BTreeMap<String, Tensor>,
+        source: impl Into<PathBuf>,
+    ) -> StateDict {
         StateDict {
             tensors: Arc::new(tensors),
             source: source.into(),
@@ -183,7 +192,10 @@ impl StateDict {
         let tensors = self
             .tensors
             .iter()
-            .filter_map(|(k, t)| k.strip_prefix(prefix).map(|rest| (rest.to_string(), t.clone())))
+            .filter_map(|(k, t)| {
+                k.strip_prefix(prefix)
+                    .map(|rest| (rest.to_string(), t.clone()))
+            })
             .collect();
         StateDict {
             tensors: Arc::new(tensors),
@@ -202,7 +214,11 @@ impl StateDict {
     /// A candle `VarBuilder` reading from this state dict: a missing key or a tensor of another shape
     /// than the model asks for is an error naming the checkpoint, the key and the shapes; tensors
     /// are converted to `dtype` on `device`. The returned [`Usage`] records the keys read.
-    pub fn var_builder(&self, dtype: DType, device: &Device) -> (candle_nn::VarBuilder<'static>, Usage) {
+    pub fn var_builder(
+        &self,
+        dtype: DType,
+        device: &Device,
+    ) -> (candle_nn::VarBuilder<'static>, Usage) {
         let usage = Usage::default();
         let backend = var_builder::Backend {
             tensors: Arc::clone(&self.tensors),

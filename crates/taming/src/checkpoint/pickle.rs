@@ -126,7 +126,9 @@ impl Value {
     /// The direct children of this value, in order (keys before values for dict entries).
     pub fn children(&self) -> Box<dyn Iterator<Item = &Value> + '_> {
         match self {
-            Value::Tuple(v) | Value::List(v) | Value::Set(v) | Value::FrozenSet(v) => Box::new(v.iter()),
+            Value::Tuple(v) | Value::List(v) | Value::Set(v) | Value::FrozenSet(v) => {
+                Box::new(v.iter())
+            }
             Value::Dict(items) => Box::new(items.iter().flat_map(|(k, v)| [k, v])),
             Value::Object(o) => Box::new(
                 [&o.callable, &o.args]
@@ -292,7 +294,12 @@ impl<'a> Machine<'a> {
     fn err(&self, msg: impl Into<String>) -> PickleError {
         PickleError {
             offset: self.op_pos,
-            msg: format!("{} (opcode {} 0x{:02x})", msg.into(), opcode_name(self.op), self.op),
+            msg: format!(
+                "{} (opcode {} 0x{:02x})",
+                msg.into(),
+                opcode_name(self.op),
+                self.op
+            ),
         }
     }
 
@@ -302,7 +309,9 @@ impl<'a> Machine<'a> {
         let data: &'a [u8] = self.data;
         let left = data.len() - self.pos;
         if n > left {
-            return Err(self.err(format!("truncated pickle: needs {n} more bytes, {left} left")));
+            return Err(self.err(format!(
+                "truncated pickle: needs {n} more bytes, {left} left"
+            )));
         }
         let s = &data[self.pos..self.pos + n];
         self.pos += n;
@@ -388,7 +397,10 @@ impl<'a> Machine<'a> {
     }
 
     fn pop_mark(&mut self) -> Result<Vec<Value>, PickleError> {
-        let prev = self.metastack.pop().ok_or_else(|| self.err("no MARK on the stack"))?;
+        let prev = self
+            .metastack
+            .pop()
+            .ok_or_else(|| self.err("no MARK on the stack"))?;
         let items = std::mem::replace(&mut self.stack, prev);
         items.into_iter().map(|c| self.own(c)).collect()
     }
@@ -410,7 +422,10 @@ impl<'a> Machine<'a> {
     }
 
     /// Runs `f` on the (mutable) value at the top of the stack.
-    fn with_top<T>(&mut self, f: impl FnOnce(&mut Value) -> Result<T, String>) -> Result<T, PickleError> {
+    fn with_top<T>(
+        &mut self,
+        f: impl FnOnce(&mut Value) -> Result<T, String>,
+    ) -> Result<T, PickleError> {
         let top = self.top()?.clone();
         let mut guard = top
             .try_borrow_mut()
@@ -433,7 +448,7 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, items: Vec<Value>) -> Result<(), PickleError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.err("odd number of items for a dict"));
         }
         let mut pairs = Vec::with_capacity(items.len() / 2);
@@ -475,9 +490,9 @@ impl<'a> Machine<'a> {
         loop {
             self.op_pos = self.pos;
             self.op = 0;
-            let op = self
-                .byte()
-                .map_err(|_| self.err("truncated pickle: the stream ends before its STOP opcode"))?;
+            let op = self.byte().map_err(|_| {
+                self.err("truncated pickle: the stream ends before its STOP opcode")
+            })?;
             self.op = op;
             match op {
                 // -- framing and control --
@@ -556,7 +571,10 @@ impl<'a> Machine<'a> {
                 }
                 b'F' => {
                     let line = self.line_str()?;
-                    let v: f64 = line.trim().parse().map_err(|_| self.err(format!("malformed FLOAT {line:?}")))?;
+                    let v: f64 = line
+                        .trim()
+                        .parse()
+                        .map_err(|_| self.err(format!("malformed FLOAT {line:?}")))?;
                     self.push(Value::Float(v));
                 }
                 b'G' => {
@@ -571,7 +589,8 @@ impl<'a> Machine<'a> {
                 }
                 b'T' => {
                     let n = i32::from_le_bytes(self.array()?);
-                    let n = usize::try_from(n).map_err(|_| self.err("negative BINSTRING length"))?;
+                    let n =
+                        usize::try_from(n).map_err(|_| self.err("negative BINSTRING length"))?;
                     let s = self.take(n)?;
                     self.push(Value::Str(String::from_utf8_lossy(s).into_owned()));
                 }
@@ -626,7 +645,10 @@ impl<'a> Machine<'a> {
                         return Err(self.err("stack underflow"));
                     }
                     let cells = self.stack.split_off(self.stack.len() - n);
-                    let items = cells.into_iter().map(|c| self.own(c)).collect::<Result<_, _>>()?;
+                    let items = cells
+                        .into_iter()
+                        .map(|c| self.own(c))
+                        .collect::<Result<_, _>>()?;
                     self.push(Value::Tuple(items));
                 }
                 b']' => self.push(Value::List(Vec::new())),
@@ -676,7 +698,9 @@ impl<'a> Machine<'a> {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (module, name) {
-                        (Value::Str(module), Value::Str(name)) => self.push(Value::Global { module, name }),
+                        (Value::Str(module), Value::Str(name)) => {
+                            self.push(Value::Global { module, name })
+                        }
                         _ => return Err(self.err("module and name must be strings")),
                     }
                 }
@@ -700,11 +724,17 @@ impl<'a> Machine<'a> {
                     let module = self.line_str()?;
                     let name = self.line_str()?;
                     let args = self.pop_mark()?;
-                    self.push_object(Value::Global { module, name }, Value::Tuple(args), ObjectKind::Inst);
+                    self.push_object(
+                        Value::Global { module, name },
+                        Value::Tuple(args),
+                        ObjectKind::Inst,
+                    );
                 }
                 b'o' => {
                     let mut items = self.pop_mark()?.into_iter();
-                    let cls = items.next().ok_or_else(|| self.err("OBJ without a class"))?;
+                    let cls = items
+                        .next()
+                        .ok_or_else(|| self.err("OBJ without a class"))?;
                     self.push_object(cls, Value::Tuple(items.collect()), ObjectKind::Inst);
                 }
                 b'b' => {
@@ -853,7 +883,10 @@ fn parse_decimal(text: &[u8]) -> Option<Value> {
 /// The argument of protocol-0 `STRING`: a Python `repr` of a byte string, quotes included.
 fn parse_quoted(line: &[u8]) -> Option<Vec<u8>> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let inner = if line.len() >= 2 && (line[0] == b'\'' || line[0] == b'"') && line[line.len() - 1] == line[0] {
+    let inner = if line.len() >= 2
+        && (line[0] == b'\'' || line[0] == b'"')
+        && line[line.len() - 1] == line[0]
+    {
         &line[1..line.len() - 1]
     } else {
         return None;
@@ -939,7 +972,10 @@ mod tests {
         p.extend([b'X', 1, 0, 0, 0, b'y', b'h', 1, b'u', b'.']);
         let out = load(&p).unwrap();
         let inner = Value::Dict(vec![(s("a"), Value::Int(1))]);
-        assert_eq!(out.value, Value::Dict(vec![(s("x"), inner.clone()), (s("y"), inner)]));
+        assert_eq!(
+            out.value,
+            Value::Dict(vec![(s("x"), inner.clone()), (s("y"), inner)])
+        );
         assert_eq!(out.end, p.len());
         assert_eq!(out.protocol, 2);
     }
@@ -947,27 +983,43 @@ mod tests {
     #[test]
     fn big_ints_and_small_ints() {
         // LONG1 with torch's legacy magic number 0x1950a86a20f9469cfc6c (80 bits).
-        let p = [0x80, 2, 0x8a, 10, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, b'.'];
+        let p = [
+            0x80, 2, 0x8a, 10, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, b'.',
+        ];
         assert_eq!(
             load(&p).unwrap().value,
-            Value::BigInt(vec![0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19])
+            Value::BigInt(vec![
+                0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19
+            ])
         );
         // LONG1 -1 and 255 (with a sign byte), BININT -2, BININT2 65535.
-        let p = [b'(', 0x8a, 1, 0xff, 0x8a, 2, 0xff, 0x00, b'J', 0xfe, 0xff, 0xff, 0xff, b'M', 0xff, 0xff, b't', b'.'];
+        let p = [
+            b'(', 0x8a, 1, 0xff, 0x8a, 2, 0xff, 0x00, b'J', 0xfe, 0xff, 0xff, 0xff, b'M', 0xff,
+            0xff, b't', b'.',
+        ];
         assert_eq!(
             load(&p).unwrap().value,
-            Value::Tuple(vec![Value::Int(-1), Value::Int(255), Value::Int(-2), Value::Int(65535)])
+            Value::Tuple(vec![
+                Value::Int(-1),
+                Value::Int(255),
+                Value::Int(-2),
+                Value::Int(65535)
+            ])
         );
         // Protocol 0 text ints, one beyond 64 bits.
         let p = b"(I01\nI-7\nL123456789012345678901234567890L\nL-5L\nt.";
         let v = load(p).unwrap().value;
-        let Value::Tuple(items) = v else { panic!("{v:?}") };
+        let Value::Tuple(items) = v else {
+            panic!("{v:?}")
+        };
         assert_eq!(items[0], Value::Bool(true));
         assert_eq!(items[1], Value::Int(-7));
         // 123456789012345678901234567890 = 0x18EE90FF6C373E0EE4E3F0AD2
         assert_eq!(
             items[2],
-            Value::BigInt(vec![0xd2, 0x0a, 0x3f, 0x4e, 0xee, 0xe0, 0x73, 0xc3, 0xf6, 0x0f, 0xe9, 0x8e, 0x01])
+            Value::BigInt(vec![
+                0xd2, 0x0a, 0x3f, 0x4e, 0xee, 0xe0, 0x73, 0xc3, 0xf6, 0x0f, 0xe9, 0x8e, 0x01
+            ])
         );
         assert_eq!(items[3], Value::Int(-5));
     }
@@ -976,15 +1028,25 @@ mod tests {
     fn protocol_0_text_opcodes() {
         let p = b"(S'a\\'b\\n'\nVcaf\\u00e9\nF1.5\ncmod\nname\n(dp0\nS'k'\np1\nI3\nsg1\n(l(I1\nI2\nimod\nC\nt.";
         let v = load(p).unwrap().value;
-        let Value::Tuple(items) = v else { panic!("{v:?}") };
+        let Value::Tuple(items) = v else {
+            panic!("{v:?}")
+        };
         assert_eq!(items[0], s("a'b\n"));
         assert_eq!(items[1], s("café"));
         assert_eq!(items[2], Value::Float(1.5));
-        assert_eq!(items[3], Value::Global { module: "mod".into(), name: "name".into() });
+        assert_eq!(
+            items[3],
+            Value::Global {
+                module: "mod".into(),
+                name: "name".into()
+            }
+        );
         assert_eq!(items[4], Value::Dict(vec![(s("k"), Value::Int(3))]));
         assert_eq!(items[5], s("k"));
         assert_eq!(items[6], Value::List(vec![]));
-        let Value::Object(o) = &items[7] else { panic!("{:?}", items[7]) };
+        let Value::Object(o) = &items[7] else {
+            panic!("{:?}", items[7])
+        };
         assert_eq!(o.callable.as_global(), Some(("mod", "C")));
         assert_eq!(o.args, Value::Tuple(vec![Value::Int(1), Value::Int(2)]));
         assert_eq!(o.kind, ObjectKind::Inst);
@@ -1003,7 +1065,9 @@ mod tests {
         p.extend([b'h', 1, b')', b'}', 0x92]); // NEWOBJ_EX(C, (), {})
         p.extend([0x87, b'0', 0x86, b'.']); // tuple3, pop, tuple2 over the rest
         let v = load(&p).unwrap().value;
-        let Value::Tuple(items) = v else { panic!("{v:?}") };
+        let Value::Tuple(items) = v else {
+            panic!("{v:?}")
+        };
         assert_eq!(items.len(), 2);
         assert_eq!(items[0], Value::Set(vec![Value::Int(1), Value::Int(2)]));
         assert_eq!(items[1], Value::FrozenSet(vec![Value::Int(3)]));
@@ -1013,12 +1077,18 @@ mod tests {
     fn reduce_then_setitems_and_build_reach_the_object() {
         let mut p = vec![0x80, 2, b'c'];
         p.extend(b"collections\nOrderedDict\n");
-        p.extend([b')', b'R', b'q', 0, b'(', b'X', 1, 0, 0, 0, b'w', b'K', 9, b'u']);
+        p.extend([
+            b')', b'R', b'q', 0, b'(', b'X', 1, 0, 0, 0, b'w', b'K', 9, b'u',
+        ]);
         p.extend([b'}', b'b', b'h', 0, 0x86, b'.']);
         let v = load(&p).unwrap().value;
-        let Value::Tuple(items) = v else { panic!("{v:?}") };
+        let Value::Tuple(items) = v else {
+            panic!("{v:?}")
+        };
         assert_eq!(items[0], items[1]);
-        let Value::Object(o) = &items[0] else { panic!() };
+        let Value::Object(o) = &items[0] else {
+            panic!()
+        };
         assert_eq!(o.callable.as_global(), Some(("collections", "OrderedDict")));
         assert_eq!(o.dict_items, vec![(s("w"), Value::Int(9))]);
         assert_eq!(o.state, Some(Value::Dict(vec![])));
@@ -1029,7 +1099,10 @@ mod tests {
     fn self_reference_is_a_snapshot_not_a_loop() {
         // l = []; l.append(l)
         let p = [0x80, 2, b']', b'q', 0, b'h', 0, b'a', b'.'];
-        assert_eq!(load(&p).unwrap().value, Value::List(vec![Value::List(vec![])]));
+        assert_eq!(
+            load(&p).unwrap().value,
+            Value::List(vec![Value::List(vec![])])
+        );
     }
 
     #[test]
@@ -1042,12 +1115,19 @@ mod tests {
         assert!(e.msg.contains("BINUNICODE"), "{e}");
         let e = load(&[0x80, 2, b'N']).unwrap_err();
         assert!(e.msg.contains("truncated"), "{e}");
-        assert!(load(&[b'.']).unwrap_err().msg.contains("underflow"));
-        assert!(load(&[b'h', 3, b'.']).unwrap_err().msg.contains("memo key 3"));
-        assert!(load(&[b'u', b'.']).unwrap_err().msg.contains("MARK"));
-        assert!(load(&[b'K', 1, b'K', 2, b'a', b'.']).unwrap_err().msg.contains("cannot append"));
+        assert!(load(b".").unwrap_err().msg.contains("underflow"));
+        assert!(load(&[b'h', 3, b'.'])
+            .unwrap_err()
+            .msg
+            .contains("memo key 3"));
+        assert!(load(b"u.").unwrap_err().msg.contains("MARK"));
+        assert!(load(&[b'K', 1, b'K', 2, b'a', b'.'])
+            .unwrap_err()
+            .msg
+            .contains("cannot append"));
         // Every prefix of a valid pickle fails cleanly.
-        let p = b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01]q\x02(K\x01G?\xf0\x00\x00\x00\x00\x00\x00eu.";
+        let p =
+            b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01]q\x02(K\x01G?\xf0\x00\x00\x00\x00\x00\x00eu.";
         assert!(load(p).is_ok());
         for n in 0..p.len() {
             assert!(load(&p[..n]).is_err(), "prefix {n}");

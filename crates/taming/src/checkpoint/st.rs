@@ -25,13 +25,17 @@ pub(crate) fn is_safetensors(bytes: &[u8]) -> bool {
 }
 
 /// Reads every tensor (and the `__metadata__` strings) of a mapped safetensors file.
-pub(crate) fn load(path: &Path, bytes: &[u8]) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, String>)> {
+pub(crate) fn load(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, String>)> {
     let err = |msg: String| Error::Checkpoint {
         path: path.to_path_buf(),
         msg,
     };
     let st = SafeTensors::deserialize(bytes).map_err(|e| err(format!("safetensors: {e}")))?;
-    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| err(format!("safetensors: {e}")))?;
+    let (_, header) =
+        SafeTensors::read_metadata(bytes).map_err(|e| err(format!("safetensors: {e}")))?;
     let metadata = header
         .metadata()
         .as_ref()
@@ -46,7 +50,11 @@ pub(crate) fn load(path: &Path, bytes: &[u8]) -> Result<(BTreeMap<String, Tensor
     Ok((tensors, metadata))
 }
 
-fn view_to_tensor(dtype: Dtype, shape: &[usize], data: &[u8]) -> std::result::Result<Tensor, String> {
+fn view_to_tensor(
+    dtype: Dtype,
+    shape: &[usize],
+    data: &[u8],
+) -> std::result::Result<Tensor, String> {
     let dev = &Device::Cpu;
     let raw = |dt: DType| Tensor::from_raw_buffer(data, dt, shape, dev).map_err(|e| e.to_string());
     let widen = |v: Vec<i64>| Tensor::from_vec(v, shape, dev).map_err(|e| e.to_string());
@@ -69,8 +77,12 @@ fn view_to_tensor(dtype: Dtype, shape: &[usize], data: &[u8]) -> std::result::Re
                 .collect(),
         ),
         Dtype::I8 => widen(data.iter().map(|&b| i64::from(b as i8)).collect()),
-        Dtype::BOOL => Tensor::from_vec(data.iter().map(|&b| u8::from(b != 0)).collect::<Vec<u8>>(), shape, dev)
-            .map_err(|e| e.to_string()),
+        Dtype::BOOL => Tensor::from_vec(
+            data.iter().map(|&b| u8::from(b != 0)).collect::<Vec<u8>>(),
+            shape,
+            dev,
+        )
+        .map_err(|e| e.to_string()),
         other => Err(format!("unsupported safetensors dtype {other:?}")),
     }
 }
@@ -92,8 +104,15 @@ fn st_dtype(dtype: DType) -> Option<Dtype> {
 
 /// The little-endian bytes of a tensor's elements, in row-major order.
 fn tensor_bytes(t: &Tensor) -> candle_core::Result<Vec<u8>> {
-    fn le<T: candle_core::WithDType, const N: usize>(t: &Tensor, f: fn(T) -> [u8; N]) -> candle_core::Result<Vec<u8>> {
-        Ok(t.flatten_all()?.to_vec1::<T>()?.into_iter().flat_map(f).collect())
+    fn le<T: candle_core::WithDType, const N: usize>(
+        t: &Tensor,
+        f: fn(T) -> [u8; N],
+    ) -> candle_core::Result<Vec<u8>> {
+        Ok(t.flatten_all()?
+            .to_vec1::<T>()?
+            .into_iter()
+            .flat_map(f)
+            .collect())
     }
     match t.dtype() {
         DType::U8 => le::<u8, 1>(t, |x| [x]),
@@ -105,7 +124,9 @@ fn tensor_bytes(t: &Tensor) -> candle_core::Result<Vec<u8>> {
         DType::F16 => le(t, half::f16::to_le_bytes),
         DType::F32 => le(t, f32::to_le_bytes),
         DType::F64 => le(t, f64::to_le_bytes),
-        other => Err(candle_core::Error::Msg(format!("dtype {other:?} cannot be saved"))),
+        other => Err(candle_core::Error::Msg(format!(
+            "dtype {other:?} cannot be saved"
+        ))),
     }
 }
 
@@ -147,7 +168,11 @@ impl View for LazyView<'_> {
 
 /// Writes `tensors` (and `metadata` as `__metadata__`) to `path` atomically: the file is written
 /// under a temporary name in the same directory and renamed into place once complete.
-pub(crate) fn save(path: &Path, tensors: &BTreeMap<String, Tensor>, metadata: &BTreeMap<String, String>) -> Result<()> {
+pub(crate) fn save(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
     let err = |msg: String| Error::Checkpoint {
         path: path.to_path_buf(),
         msg,
@@ -165,8 +190,12 @@ pub(crate) fn save(path: &Path, tensors: &BTreeMap<String, Tensor>, metadata: &B
     let error = RefCell::new(None);
     let mut views = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let dtype = st_dtype(t.dtype())
-            .ok_or_else(|| err(format!("tensor `{name}`: dtype {:?} cannot be saved as safetensors", t.dtype())))?;
+        let dtype = st_dtype(t.dtype()).ok_or_else(|| {
+            err(format!(
+                "tensor `{name}`: dtype {:?} cannot be saved as safetensors",
+                t.dtype()
+            ))
+        })?;
         views.push((
             name.as_str(),
             LazyView {
@@ -177,7 +206,10 @@ pub(crate) fn save(path: &Path, tensors: &BTreeMap<String, Tensor>, metadata: &B
             },
         ));
     }
-    let info: HashMap<String, String> = metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let info: HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let info = (!info.is_empty()).then_some(info);
     let written = safetensors::tensor::serialize_to_file(views, info, &tmp);
     let failure = match written {

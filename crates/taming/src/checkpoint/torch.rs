@@ -127,14 +127,19 @@ fn non_negative(v: &Value, what: &str) -> std::result::Result<usize, String> {
 }
 
 fn int_tuple(v: &Value, what: &str) -> std::result::Result<Vec<usize>, String> {
-    let items = v.as_seq().ok_or_else(|| format!("{what} is not a tuple: {}", summary(v)))?;
+    let items = v
+        .as_seq()
+        .ok_or_else(|| format!("{what} is not a tuple: {}", summary(v)))?;
     items.iter().map(|i| non_negative(i, what)).collect()
 }
 
 /// The storage named by a persistent id `('storage', type, key, location, numel[, view_metadata])`.
 fn storage_ref(v: &Value) -> std::result::Result<StorageRef, String> {
     let Value::PersistentId(id) = v else {
-        return Err(format!("tensor storage is not a persistent id: {}", summary(v)));
+        return Err(format!(
+            "tensor storage is not a persistent id: {}",
+            summary(v)
+        ));
     };
     let items = id.as_seq().unwrap_or_default();
     if items.len() < 5 || items[0].as_str() != Some("storage") {
@@ -198,7 +203,9 @@ fn call_spec(callable: &Value, args: &Value) -> std::result::Result<Option<Tenso
             let shape = int_tuple(&args[2], "size")?;
             let stride = int_tuple(&args[3], "stride")?;
             if shape.len() != stride.len() {
-                return Err(format!("size {shape:?} and stride {stride:?} differ in length"));
+                return Err(format!(
+                    "size {shape:?} and stride {stride:?} differ in length"
+                ));
             }
             Ok(Some(TensorSpec {
                 storage,
@@ -222,9 +229,12 @@ fn call_spec(callable: &Value, args: &Value) -> std::result::Result<Option<Tenso
     }
 }
 
+/// Dict entries, borrowed from the pickle tree.
+type Entries<'a> = Vec<(&'a Value, &'a Value)>;
+
 /// The entries of a dict-like value: a `dict`, or a `collections.OrderedDict` (built empty then
 /// filled by `SETITEMS`, or from a list of pairs).
-fn dict_entries(v: &Value) -> Option<Vec<(&Value, &Value)>> {
+fn dict_entries(v: &Value) -> Option<Entries<'_>> {
     match v {
         Value::Dict(items) => Some(items.iter().map(|(k, v)| (k, v)).collect()),
         Value::Object(o) if is_dict_class(o) => {
@@ -298,15 +308,23 @@ pub(crate) fn summary(v: &Value) -> String {
 ///
 /// A Lightning checkpoint keeps its weights under `state_dict`; some checkpoints use `model`; a
 /// plain state dict (`.pth`) is the top-level dict itself.
-fn split_top(top: &Value) -> std::result::Result<(Vec<(&Value, &Value)>, Vec<(&Value, &Value)>), String> {
-    let entries = dict_entries(top)
-        .ok_or_else(|| format!("the checkpoint holds {}, not a dict of tensors", summary(top)))?;
+fn split_top(top: &Value) -> std::result::Result<(Entries<'_>, Entries<'_>), String> {
+    let entries = dict_entries(top).ok_or_else(|| {
+        format!(
+            "the checkpoint holds {}, not a dict of tensors",
+            summary(top)
+        )
+    })?;
     for wanted in ["state_dict", "model"] {
         let found = entries
             .iter()
             .find(|(k, v)| k.as_str() == Some(wanted) && dict_entries(v).is_some());
         if let Some((_, sd)) = found {
-            let rest = entries.iter().filter(|(k, _)| k.as_str() != Some(wanted)).copied().collect();
+            let rest = entries
+                .iter()
+                .filter(|(k, _)| k.as_str() != Some(wanted))
+                .copied()
+                .collect();
             return Ok((dict_entries(sd).unwrap_or_default(), rest));
         }
     }
@@ -339,7 +357,11 @@ trait Storages {
 }
 
 /// Materialises the state dict and summarises the rest.
-fn extract(path: &Path, top: &Value, storages: &mut dyn Storages) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, String>)> {
+fn extract(
+    path: &Path,
+    top: &Value,
+    storages: &mut dyn Storages,
+) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, String>)> {
     let err = |msg: String| Error::Checkpoint {
         path: path.to_path_buf(),
         msg,
@@ -353,7 +375,11 @@ fn extract(path: &Path, top: &Value, storages: &mut dyn Storages) -> Result<(BTr
     }
     for (k, v) in state {
         let Some(key) = k.as_str() else {
-            tracing::debug!("{}: skipping state-dict entry with key {}", path.display(), summary(k));
+            tracing::debug!(
+                "{}: skipping state-dict entry with key {}",
+                path.display(),
+                summary(k)
+            );
             continue;
         };
         let spec = match tensor_spec(v) {
@@ -365,14 +391,18 @@ fn extract(path: &Path, top: &Value, storages: &mut dyn Storages) -> Result<(BTr
             }
             Err(msg) => return Err(err(format!("tensor `{key}`: {msg}"))),
         };
-        let tensor = materialise(&spec, storages).map_err(|msg| err(format!("tensor `{key}`: {msg}")))?;
+        let tensor =
+            materialise(&spec, storages).map_err(|msg| err(format!("tensor `{key}`: {msg}")))?;
         tensors.insert(key.to_string(), tensor);
     }
     Ok((tensors, metadata))
 }
 
 /// Copies the elements a tensor spec selects from its storage into a contiguous candle tensor.
-fn materialise(spec: &TensorSpec, storages: &mut dyn Storages) -> std::result::Result<Tensor, String> {
+fn materialise(
+    spec: &TensorSpec,
+    storages: &mut dyn Storages,
+) -> std::result::Result<Tensor, String> {
     let dtype = spec.dtype()?;
     let es = dtype.size();
     let big_endian = storages.big_endian();
@@ -387,38 +417,46 @@ fn materialise(spec: &TensorSpec, storages: &mut dyn Storages) -> std::result::R
         .offset
         .checked_add(spec.storage.view_offset)
         .ok_or("storage offset overflows")?;
-    let mut gathered = Vec::with_capacity(numel.saturating_mul(es));
-    if numel > 0 {
-        // The last element the view reaches must lie within the storage.
-        let mut last = start;
-        for (&d, &s) in spec.shape.iter().zip(&spec.stride) {
-            last = (d - 1)
-                .checked_mul(s)
-                .and_then(|x| x.checked_add(last))
-                .ok_or("strides overflow")?;
-        }
-        if last >= storage_len {
-            return Err(format!(
-                "storage `{}` has {storage_len} {} elements, the tensor (offset {}, size {:?}, stride {:?}) reaches element {last}",
-                spec.storage.key,
-                dtype.name(),
-                spec.offset,
-                spec.shape,
-                spec.stride
-            ));
-        }
-        if is_contiguous(&spec.shape, &spec.stride) {
-            gathered.extend_from_slice(&bytes[start * es..(start + numel) * es]);
-        } else {
-            gather_strided(bytes, es, start, &spec.shape, &spec.stride, &mut gathered);
-        }
+    if numel == 0 {
+        return to_candle(&[], dtype, &spec.shape).map_err(|e| e.to_string());
     }
+    // The last element the view reaches must lie within the storage.
+    let mut last = start;
+    for (&d, &s) in spec.shape.iter().zip(&spec.stride) {
+        last = (d - 1)
+            .checked_mul(s)
+            .and_then(|x| x.checked_add(last))
+            .ok_or("strides overflow")?;
+    }
+    if last >= storage_len {
+        return Err(format!(
+            "storage `{}` has {storage_len} {} elements, the tensor (offset {}, size {:?}, stride {:?}) reaches element {last}",
+            spec.storage.key,
+            dtype.name(),
+            spec.offset,
+            spec.shape,
+            spec.stride
+        ));
+    }
+    let mut gathered;
+    let mut data: &[u8] = if is_contiguous(&spec.shape, &spec.stride) {
+        // Straight from the mapped file into the tensor: one copy.
+        &bytes[start * es..(start + numel) * es]
+    } else {
+        gathered = Vec::with_capacity(numel * es);
+        gather_strided(bytes, es, start, &spec.shape, &spec.stride, &mut gathered);
+        &gathered
+    };
+    let swapped;
     if big_endian && es > 1 {
-        for chunk in gathered.chunks_exact_mut(es) {
+        let mut v = data.to_vec();
+        for chunk in v.chunks_exact_mut(es) {
             chunk.reverse();
         }
+        swapped = v;
+        data = &swapped;
     }
-    to_candle(&gathered, dtype, &spec.shape).map_err(|e| e.to_string())
+    to_candle(data, dtype, &spec.shape).map_err(|e| e.to_string())
 }
 
 fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
@@ -433,7 +471,14 @@ fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
 }
 
 /// Row-major walk over `shape`, copying the element at `start + sum(index * stride)` each step.
-fn gather_strided(bytes: &[u8], es: usize, start: usize, shape: &[usize], stride: &[usize], out: &mut Vec<u8>) {
+fn gather_strided(
+    bytes: &[u8],
+    es: usize,
+    start: usize,
+    shape: &[usize],
+    stride: &[usize],
+    out: &mut Vec<u8>,
+) {
     let mut index = vec![0usize; shape.len()];
     let mut at = start;
     loop {
@@ -539,12 +584,16 @@ fn entry_data<'a>(
     bytes: &'a [u8],
     index: usize,
 ) -> std::result::Result<(Option<&'a [u8]>, Vec<u8>), String> {
-    let file = archive.by_index_raw(index).map_err(|e| format!("zip entry {index}: {e}"))?;
+    let file = archive
+        .by_index_raw(index)
+        .map_err(|e| format!("zip entry {index}: {e}"))?;
     let name = file.name().map(|n| n.into_owned()).unwrap_or_default();
     if file.compression() == zip::CompressionMethod::Stored && !file.encrypted() {
-        let start = file.data_start().ok_or_else(|| format!("zip entry `{name}`: unknown data offset"))?;
+        let start = file
+            .data_start()
+            .ok_or_else(|| format!("zip entry `{name}`: unknown data offset"))?;
         let len = file.compressed_size();
-        let end = start.checked_add(len).unwrap_or(u64::MAX);
+        let end = start.saturating_add(len);
         if end > bytes.len() as u64 || len != file.size() {
             return Err(format!(
                 "zip entry `{name}` ({len} bytes at offset {start}) lies beyond the end of the file ({} bytes): truncated file?",
@@ -554,7 +603,9 @@ fn entry_data<'a>(
         return Ok((Some(&bytes[start as usize..end as usize]), Vec::new()));
     }
     drop(file);
-    let mut file = archive.by_index(index).map_err(|e| format!("zip entry `{name}`: {e}"))?;
+    let mut file = archive
+        .by_index(index)
+        .map_err(|e| format!("zip entry `{name}`: {e}"))?;
     let mut out = Vec::with_capacity(usize::try_from(file.size()).unwrap_or(0).min(1 << 30));
     file.read_to_end(&mut out)
         .map_err(|e| format!("zip entry `{name}`: {e}"))?;
@@ -567,14 +618,22 @@ pub(crate) fn load_zip(path: &Path, bytes: &[u8]) -> Result<Loaded> {
         path: path.to_path_buf(),
         msg,
     };
-    let mut archive = zip::ZipArchive::new(Cursor::new(bytes))
-        .map_err(|e| err(format!("cannot read the zip archive (truncated or corrupt file?): {e}")))?;
-    let names: Vec<String> = archive.file_names().filter_map(|n| n.ok().map(|n| n.into_owned())).collect();
+    let mut archive = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| {
+        err(format!(
+            "cannot read the zip archive (truncated or corrupt file?): {e}"
+        ))
+    })?;
+    let names: Vec<String> = archive
+        .file_names()
+        .filter_map(|n| n.ok().map(|n| n.into_owned()))
+        .collect();
     let pkl = names
         .iter()
         .filter(|n| n.as_str() == "data.pkl" || n.ends_with("/data.pkl"))
         .min_by_key(|n| n.len())
-        .ok_or_else(|| err("the zip archive has no `<archive>/data.pkl`; not a torch checkpoint".to_string()))?
+        .ok_or_else(|| {
+            err("the zip archive has no `<archive>/data.pkl`; not a torch checkpoint".to_string())
+        })?
         .clone();
     let prefix = &pkl[..pkl.len() - "data.pkl".len()];
     let data_prefix = format!("{prefix}data/");
@@ -676,7 +735,10 @@ pub(crate) fn load_legacy(path: &Path, bytes: &[u8]) -> Result<Loaded> {
     }
     let sys_info = next("sys info", &mut pos)?;
     let big_endian = dict_entries(&sys_info.value)
-        .and_then(|e| e.into_iter().find(|(k, _)| k.as_str() == Some("little_endian")))
+        .and_then(|e| {
+            e.into_iter()
+                .find(|(k, _)| k.as_str() == Some("little_endian"))
+        })
         .map(|(_, v)| *v == Value::Bool(false))
         .unwrap_or(false);
     let main = next("main", &mut pos)?;
@@ -693,7 +755,12 @@ pub(crate) fn load_legacy(path: &Path, bytes: &[u8]) -> Result<Loaded> {
         let key = match key {
             Value::Str(s) => s.clone(),
             Value::Int(i) => i.to_string(),
-            other => return Err(err(format!("legacy format: storage key {}", summary(other)))),
+            other => {
+                return Err(err(format!(
+                    "legacy format: storage key {}",
+                    summary(other)
+                )))
+            }
         };
         let es = types
             .get(&key)
@@ -710,10 +777,17 @@ pub(crate) fn load_legacy(path: &Path, bytes: &[u8]) -> Result<Loaded> {
                     u64::from_le_bytes(a)
                 }
             })
-            .ok_or_else(|| err(format!("legacy format: truncated file: storage `{key}` has no size at byte {pos}")))?;
+            .ok_or_else(|| {
+                err(format!(
+                    "legacy format: truncated file: storage `{key}` has no size at byte {pos}"
+                ))
+            })?;
         pos += 8;
         let Some(es) = es else {
-            let t = types.get(&key).map(String::as_str).unwrap_or("unreferenced");
+            let t = types
+                .get(&key)
+                .map(String::as_str)
+                .unwrap_or("unreferenced");
             return Err(err(format!(
                 "legacy format: storage `{key}` has an unknown element size (type `{t}`), the rest of the file cannot be located"
             )));

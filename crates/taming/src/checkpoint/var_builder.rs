@@ -21,7 +21,9 @@ pub struct Usage {
 impl Usage {
     fn lock(&self) -> MutexGuard<'_, BTreeSet<String>> {
         // A panic elsewhere while holding the lock cannot leave a set of names inconsistent.
-        self.used.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.used
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn record(&self, key: &str) {
@@ -86,7 +88,10 @@ impl candle_nn::var_builder::SimpleBackend for Backend {
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let t = self.tensors.get(name).ok_or_else(|| {
-            candle_core::Error::Msg(format!("checkpoint {}: missing tensor `{name}`", self.source_name))
+            candle_core::Error::Msg(format!(
+                "checkpoint {}: missing tensor `{name}`",
+                self.source_name
+            ))
         })?;
         self.usage.record(name);
         t.to_device(dev)?.to_dtype(dtype)
