@@ -3,8 +3,10 @@
 //!
 //! [`StateDict::load`] sniffs the format from the file's bytes: the zip format of `torch.save`
 //! (torch >= 1.6, any pickle protocol), the legacy non-zip format (torch < 1.6), or safetensors.
-//! candle's own `candle_core::pickle` reader only handles protocol-2 zip files; our reader
-//! ([`pickle`] and the private `torch` module) also handles protocols 0-5 and the legacy format, and tolerates what
+//! candle's own `candle_core::pickle` reader only handles zip files with protocol-2 pickles: on
+//! the fixtures' protocol-4 checkpoint it fails with "unknown op-code 149" (`FRAME`) and on the
+//! legacy one with "invalid Zip archive" (test `candle_pickle_limitations`). Our reader ([`pickle`]
+//! and the private `torch` module) handles protocols 0-5 and the legacy format, and tolerates what
 //! Lightning adds around the weights (optimizer state, callbacks keyed by classes, hyper-parameters).
 //! Files are memory-mapped and only state-dict tensors are materialised.
 //!

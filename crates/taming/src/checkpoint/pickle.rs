@@ -8,8 +8,9 @@
 //! that is memoized (`BINPUT`, `MEMOIZE`) and filled afterwards (`SETITEMS`, `APPENDS`, `BUILD`) is seen
 //! complete by every later `BINGET`. When a shared cell becomes part of a parent it is copied, which
 //! is equivalent to sharing for the acyclic data checkpoints hold; a self-referencing container holds
-//! a snapshot of itself taken at the point of recursion, so decoding never loops. Copies are counted against a budget proportional to
-//! the stream's length, so a small hostile pickle cannot expand into an enormous tree.
+//! a snapshot of itself taken at the point of recursion, so decoding never loops. Copies are counted
+//! against a budget proportional to the stream's length, so a small hostile pickle cannot expand
+//! into an enormous tree.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
