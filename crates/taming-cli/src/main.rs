@@ -7,6 +7,7 @@ mod bench;
 mod common;
 mod first_stage_cmds;
 mod inspect;
+mod sample_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,9 @@ enum Cmd {
     Convert(inspect::ConvertArgs),
     /// Check parity with reference fixtures (DIR/config.yaml, DIR/model.ckpt, DIR/io.safetensors).
     Verify(inspect::VerifyArgs),
+    /// Sample images from a transformer model (label-to-image, depth-to-image, class-conditional,
+    /// unconditional, super-resolution, image completion; larger sizes with a sliding window).
+    Sample(sample_cmd::SampleArgs),
     /// Benchmarks, printing JSON lines.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -61,6 +65,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Inspect(a) => inspect::inspect(a),
         Cmd::Convert(a) => inspect::convert(a),
         Cmd::Verify(a) => inspect::verify(a),
+        Cmd::Sample(a) => sample_cmd::sample(a),
         Cmd::Bench(b) => bench::run(b),
     };
     match result {

@@ -118,6 +118,32 @@ where
     Ok(image::imageops::crop_imm(img, origin.0, origin.1, cw, ch).to_image())
 }
 
+/// Scales an image to cover `h` x `w` (keeping its aspect) and center-crops to exactly that size.
+pub fn fit<P>(
+    img: &image::ImageBuffer<P, Vec<P::Subpixel>>,
+    h: u32,
+    w: u32,
+    interp: Interpolation,
+) -> Result<image::ImageBuffer<P, Vec<P::Subpixel>>>
+where
+    P: image::Pixel + 'static,
+    P::Subpixel: 'static,
+{
+    let (iw, ih) = img.dimensions();
+    if iw == 0 || ih == 0 || h == 0 || w == 0 {
+        return Err(Error::invalid(format!("cannot fit a {iw}x{ih} image to {w}x{h}")));
+    }
+    let scale = (h as f64 / ih as f64).max(w as f64 / iw as f64);
+    let nw = ((iw as f64 * scale).round() as u32).max(w);
+    let nh = ((ih as f64 * scale).round() as u32).max(h);
+    let r = if (nw, nh) == (iw, ih) {
+        img.clone()
+    } else {
+        image::imageops::resize(img, nw, nh, interp.filter())
+    };
+    crop(&r, center_crop_origin(nw, nh, w, h), w, h)
+}
+
 /// The reference's preprocessing for evaluation: smallest side to `size`, then a `size`x`size` center crop.
 pub fn rescale_center_crop(img: &RgbImage, size: u32) -> Result<RgbImage> {
     let r = resize_smallest_side(img, size, Interpolation::Bilinear);
@@ -347,6 +373,11 @@ pub fn load_depth(path: &Path, size: Option<u32>, device: &Device) -> Result<Ten
         (h, w) = (s as usize, s as usize);
         vals = c.into_raw();
     }
+    normalize_depth(vals, h, w, device)
+}
+
+/// Min-max normalises raw depth values (H*W) to [-1, 1]: (1, 1, H, W).
+pub fn normalize_depth(vals: Vec<f32>, h: usize, w: usize, device: &Device) -> Result<Tensor> {
     let min = vals.iter().cloned().fold(f32::INFINITY, f32::min);
     let max = vals.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let range = (max - min).max(1e-8);

@@ -11,6 +11,7 @@
 //! - [`cond_stage`]: conditioning stages (VQ, class, SOS, coordinates);
 //! - [`cond_transformer`]: `Net2NetTransformer` of `taming/models/cond_transformer.py`;
 //! - [`sampling`]: cached autoregressive and sliding-window sampling with top-k/top-p;
+//! - [`pipeline`]: sampling tasks end to end (condition in, images out);
 //! - [`model`]: building a model from config + checkpoint, strictly, with a load report;
 //! - [`image_io`]: the reference's image, segmentation and depth conventions;
 //! - [`verify`]: parity checks against fixtures made by the reference.
@@ -24,6 +25,7 @@ pub mod first_stage;
 pub mod image_io;
 pub mod model;
 pub mod nn;
+pub mod pipeline;
 pub mod permuter;
 pub mod quantize;
 pub mod sampling;

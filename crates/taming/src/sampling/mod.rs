@@ -256,14 +256,15 @@ pub fn window_offset(i: usize, n: usize, w: usize) -> usize {
 
 /// Samples an (H, W) latent grid larger than the training grid in raster order with the
 /// reference's sliding attention window of `window` = (wh, ww) positions. `keep` optionally holds
-/// (B, H*W) tokens and the number of leading raster positions to keep (image completion).
+/// (B, H*W) tokens and, per raster position, whether to keep that token instead of sampling it
+/// (image completion).
 pub fn sample_sliding(
     gpt: &Gpt,
     cond: &SlidingCond,
     grid: (usize, usize),
     window: (usize, usize),
     opts: &SamplingOptions,
-    keep: Option<(&Tensor, usize)>,
+    keep: Option<(&Tensor, &[bool])>,
     callback: &mut dyn FnMut(&Progress) -> Control,
 ) -> Result<Sampled> {
     let (h, w) = grid;
@@ -298,12 +299,25 @@ pub fn sample_sliding(
     }
     let mut sampler = TokenSampler::new(opts)?;
     let (mut rows, kept) = match keep {
-        Some((t, n)) => (t.to_dtype(DType::U32)?.to_vec2::<u32>()?, n.min(h * w)),
-        None => (vec![vec![0u32; h * w]; b], 0),
+        Some((t, mask)) => {
+            if mask.len() != h * w || t.dims2()? != (b, h * w) {
+                return Err(Error::invalid(format!(
+                    "tokens to keep must cover the {h}x{w} grid for {b} samples, got {:?} and a mask of {}",
+                    t.dims(),
+                    mask.len()
+                )));
+            }
+            (t.to_dtype(DType::U32)?.to_vec2::<u32>()?, mask.to_vec())
+        }
+        None => (vec![vec![0u32; h * w]; b], vec![false; h * w]),
     };
     let device = gpt.device().clone();
-    let total = h * w - kept;
-    for pos in kept..h * w {
+    let total = kept.iter().filter(|k| !**k).count();
+    let mut done = 0;
+    for pos in 0..h * w {
+        if kept[pos] {
+            continue;
+        }
         let (i, j) = (pos / w, pos % w);
         let (li, lj) = (window_offset(i, h, wh), window_offset(j, w, ww));
         let (i0, j0) = (i - li, j - lj);
@@ -330,8 +344,9 @@ pub fn sample_sliding(
         for (r, t) in rows.iter_mut().zip(next) {
             r[pos] = t;
         }
+        done += 1;
         let control = callback(&Progress {
-            done: pos + 1 - kept,
+            done,
             total,
             tokens: &rows,
         });
