@@ -16,6 +16,29 @@ use crate::common::{ModelArgs, DTYPE};
 pub enum BenchCmd {
     /// Encode and decode one image with a first-stage model.
     FirstStage(FirstStageBench),
+    /// Autoregressive sampling with the KV cache (the transformer only).
+    Sample(SampleBench),
+}
+
+#[derive(Args)]
+pub struct SampleBench {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Random transformer weights (only the config is read).
+    #[arg(long)]
+    pub random_weights: bool,
+    /// Condition tokens before the image tokens.
+    #[arg(long, default_value_t = 256)]
+    pub cond_tokens: usize,
+    /// Image tokens to sample.
+    #[arg(long, default_value_t = 256)]
+    pub tokens: usize,
+    /// Sequences sampled together.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Transformer weight precision: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 #[derive(Args)]
@@ -42,6 +65,7 @@ pub struct FirstStageBench {
 pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::FirstStage(b) => first_stage(b),
+        BenchCmd::Sample(b) => sample(b),
     }
 }
 
@@ -106,5 +130,87 @@ fn first_stage(b: FirstStageBench) -> anyhow::Result<ExitCode> {
             })
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Copy bandwidth of this machine in bytes per second (a 512 MiB buffer copied a few times):
+/// the bound for batch-1 sampling, which reads every weight once per token.
+fn copy_bandwidth() -> f64 {
+    let n = 1usize << 27; // 128 Mi f32 = 512 MiB
+    let src = vec![1f32; n];
+    let mut dst = vec![0f32; n];
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&dst);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    // a copy reads and writes every byte
+    2.0 * (n * 4) as f64 / best
+}
+
+fn sample(b: SampleBench) -> anyhow::Result<ExitCode> {
+    use taming::sampling::{sample_sequence, SamplingOptions};
+    let device = b.model.device()?;
+    let dtype = crate::sample_cmd::parse_dtype(&b.dtype)?;
+    let gpt = if b.random_weights {
+        if b.model.config.is_empty() {
+            bail!("--random-weights needs --config FILE.yaml");
+        }
+        let config = ProjectConfig::from_files(&b.model.config, &b.model.overrides)?;
+        let ModelConfig::Transformer(cfg) = &config.model else {
+            bail!("`bench sample` needs a Net2NetTransformer config");
+        };
+        let varmap = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &device);
+        taming::transformer::Gpt::new(&cfg.transformer, vb.pp("transformer"))?
+    } else {
+        let (m, _) = crate::sample_cmd::load_transformer(&b.model, dtype)?;
+        m.gpt().clone()
+    };
+    let cfg = gpt.config().clone();
+    let params: usize = {
+        let n = cfg.n_embd;
+        cfg.n_layer * (12 * n * n + 13 * n) + cfg.vocab_size * n * 2 + cfg.block_size * n + 2 * n
+    };
+    let bytes_per_token = params as f64 * dtype.size_in_bytes() as f64;
+    let c = Tensor::from_vec(
+        (0..b.batch * b.cond_tokens).map(|i| (i % cfg.vocab_size) as u32).collect::<Vec<_>>(),
+        (b.batch, b.cond_tokens),
+        &device,
+    )?;
+    let empty = Tensor::zeros((b.batch, 0), DType::U32, &device)?;
+    let opts = SamplingOptions { top_k: Some(100), seed: 0, ..Default::default() };
+    // warm-up: a few tokens
+    sample_sequence(&gpt, &c, &empty, 4, &opts, None, &mut |_| taming::sampling::Control::Continue)?;
+    let t = Instant::now();
+    let mut first = None;
+    sample_sequence(&gpt, &c, &empty, b.tokens, &opts, None, &mut |p| {
+        if p.done == 1 {
+            first = Some(t.elapsed().as_secs_f64());
+        }
+        taming::sampling::Control::Continue
+    })?;
+    device.synchronize()?;
+    let secs = t.elapsed().as_secs_f64();
+    let prefill = first.unwrap_or(0.0);
+    let per_token = (secs - prefill) / (b.tokens.max(2) - 1) as f64;
+    let bw = copy_bandwidth();
+    let bound = bytes_per_token / bw;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "sample", "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
+            "vocab_size": cfg.vocab_size, "params": params, "dtype": format!("{dtype:?}"),
+            "cond_tokens": b.cond_tokens, "tokens": b.tokens, "batch": b.batch,
+            "seconds": secs, "seconds_per_image": secs / b.batch as f64,
+            "prefill_seconds": prefill, "seconds_per_step": per_token,
+            "tokens_per_second": (b.tokens * b.batch) as f64 / secs,
+            "copy_bandwidth_gb_s": bw / 1e9, "bound_seconds_per_step": bound,
+            "step_vs_bound": per_token / bound,
+            "threads": candle_core::utils::get_num_threads(), "device": format!("{device:?}"),
+        })
+    );
     Ok(ExitCode::SUCCESS)
 }
