@@ -30,7 +30,7 @@ impl LoadReport {
     /// One-line summary for logs.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "{}: {} tensors loaded, {} training-only tensors skipped",
+            "{}: {} tensors loaded, {} not needed for inference skipped (training losses, attention masks)",
             self.checkpoint.display(),
             self.used,
             self.skipped.len()
