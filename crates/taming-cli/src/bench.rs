@@ -18,6 +18,9 @@ pub enum BenchCmd {
     FirstStage(FirstStageBench),
     /// Autoregressive sampling with the KV cache (the transformer only).
     Sample(SampleBench),
+    /// Training steps: images/s for a VQGAN step with the discriminator active, tokens/s for a
+    /// transformer step.
+    Train(crate::bench_train::TrainBench),
 }
 
 #[derive(Args)]
@@ -66,6 +69,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::FirstStage(b) => first_stage(b),
         BenchCmd::Sample(b) => sample(b),
+        BenchCmd::Train(b) => crate::bench_train::train(b),
     }
 }
 

@@ -4,10 +4,13 @@
 //! first stage) plus tools the reference lacks: `inspect`, `convert`, `verify` and `bench`.
 
 mod bench;
+mod bench_train;
 mod common;
 mod first_stage_cmds;
 mod inspect;
+mod plot_cmd;
 mod sample_cmd;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -38,6 +41,10 @@ enum Cmd {
     /// Sample images from a transformer model (label-to-image, depth-to-image, class-conditional,
     /// unconditional, super-resolution, image completion; larger sizes with a sliding window).
     Sample(sample_cmd::SampleArgs),
+    /// Train a first stage or a transformer from a config (the reference's `main.py --train`).
+    Train(train_cmd::TrainArgs),
+    /// Draw a run's metrics.csv as loss curves (PNG).
+    Plot(plot_cmd::PlotArgs),
     /// Benchmarks, printing JSON lines.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -66,6 +73,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Convert(a) => inspect::convert(a),
         Cmd::Verify(a) => inspect::verify(a),
         Cmd::Sample(a) => sample_cmd::sample(a),
+        Cmd::Train(a) => train_cmd::train(a),
+        Cmd::Plot(a) => plot_cmd::plot(a),
         Cmd::Bench(b) => bench::run(b),
     };
     match result {

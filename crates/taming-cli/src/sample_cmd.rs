@@ -185,11 +185,7 @@ fn condition(
         }
         CondStage::Vq(m) if m.in_channels() == 1 => {
             let path = a.depth.as_ref().ok_or_else(|| need("--depth PNG"))?;
-            let (vals, dh, dw) = image_io::load_depth_raw(path)?;
-            let buf = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(dw as u32, dh as u32, vals)
-                .context("depth map size")?;
-            let buf = image_io::fit(&buf, h, w, Interpolation::Bilinear)?;
-            Condition::Spatial(image_io::normalize_depth(buf.into_raw(), size.0, size.1, device)?)
+            Condition::Spatial(image_io::load_depth_fit(path, h, w, device)?)
         }
         CondStage::Vq(_) | CondStage::FirstStage => {
             let path = a.low_res.as_ref().ok_or_else(|| need("--low-res PNG"))?;

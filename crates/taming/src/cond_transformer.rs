@@ -53,7 +53,7 @@ impl Net2NetTransformer {
     ) -> Result<(Self, LoadReport)> {
         let (vb, usage) = sd.var_builder(DType::F32, device);
         let first_stage = VqModel::new(&cfg.first_stage, vb.pp("first_stage_model"))?;
-        let mut ignored = vec!["first_stage_model.loss.", "cond_stage_model.loss.", "permuter."];
+        let mut ignored = vec!["first_stage_model.loss.", "cond_stage_model.loss.", "permuter.", "optimizer_states."];
         let cond_stage = match &cfg.cond_stage {
             CondStageConfig::FirstStage => {
                 // the reference registers the same module twice: cond_stage_model.* duplicates first_stage_model.*
@@ -104,6 +104,24 @@ impl Net2NetTransformer {
             },
             report,
         ))
+    }
+
+    /// Assembles a model from parts built elsewhere (training builds the GPT on trainable
+    /// variables and the frozen stages from their own checkpoints).
+    pub fn from_parts(
+        cfg: &Net2NetConfig,
+        first_stage: VqModel,
+        cond_stage: CondStage,
+        permuter: Permuter,
+        gpt: Gpt,
+    ) -> Self {
+        Self {
+            first_stage,
+            cond_stage,
+            permuter,
+            gpt,
+            cfg: cfg.clone(),
+        }
     }
 
     pub fn first_stage(&self) -> &VqModel {

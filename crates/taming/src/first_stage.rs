@@ -14,7 +14,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Conv2d, GroupNorm, VarBuilder};
 
 use crate::config::{DdConfig, VqKind, VqModelConfig};
-use crate::nn::{conv2d, normalize, swish, AttnBlock, Downsample, ResnetBlock, Upsample};
+use crate::nn::{conv, conv2d, normalize, swish, AttnBlock, Downsample, ResnetBlock, Upsample};
 use crate::quantize::{
     BetaPlacement, EmaVectorQuantizer, GumbelQuantizer, Quantized, Quantizer, Remap,
     VectorQuantizer,
@@ -133,7 +133,7 @@ impl Encoder {
 
     /// x: (B, in_channels, H, W) -> (B, z_out, H/f, W/f).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = self.conv_in.forward(x)?; // (B, ch, H, W)
+        let mut h = conv(&self.conv_in, x)?; // (B, ch, H, W)
         for level in &self.down {
             h = level.forward_blocks(h)?;
             if let Some(down) = &level.resample {
@@ -142,7 +142,7 @@ impl Encoder {
         }
         let h = self.mid.forward(&h)?;
         let h = swish(&self.norm_out.forward(&h)?)?;
-        Ok(self.conv_out.forward(&h)?) // (B, z_out, h, w)
+        conv(&self.conv_out, &h) // (B, z_out, h, w)
     }
 }
 
@@ -219,7 +219,13 @@ impl Decoder {
     /// z: (B, z_channels, h, w) -> (B, out_ch, h*f, w*f) (or the features before `norm_out` when
     /// `give_pre_end`).
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        let h = self.conv_in.forward(z)?; // (B, C, h, w)
+        Ok(self.forward_with_last_input(z)?.0)
+    }
+
+    /// [`Decoder::forward`] and the input of `conv_out` (B, C, H, W), which the adaptive GAN weight
+    /// needs to form the gradient of `conv_out.weight` (equal to the output when `give_pre_end`).
+    pub fn forward_with_last_input(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
+        let h = conv(&self.conv_in, z)?; // (B, C, h, w)
         let mut h = self.mid.forward(&h)?;
         for level in self.up.iter().rev() {
             h = level.forward_blocks(h)?;
@@ -228,10 +234,11 @@ impl Decoder {
             }
         }
         if self.give_pre_end {
-            return Ok(h);
+            return Ok((h.clone(), h));
         }
-        let h = swish(&self.norm_out.forward(&h)?)?;
-        Ok(self.conv_out.forward(&h)?) // (B, out_ch, H, W)
+        let h = swish(&self.norm_out.forward(&h)?)?; // (B, C, H, W)
+        let out = conv(&self.conv_out, &h)?; // (B, out_ch, H, W)
+        Ok((out, h))
     }
 }
 
@@ -264,6 +271,21 @@ pub enum VqModelKind {
     Gumbel,
     /// `taming.models.vqgan.EMAVQ`
     Ema,
+}
+
+/// What [`VqModel::forward_train`] returns.
+#[derive(Debug, Clone)]
+pub struct TrainForward {
+    /// (B, out_ch, H, W)
+    pub reconstruction: Tensor,
+    /// The quantizer's loss (scalar).
+    pub qloss: Tensor,
+    /// (B, h*w) u32
+    pub indices: Tensor,
+    /// Input of `decoder.conv_out` (B, C, H, W).
+    pub last_layer_input: Tensor,
+    /// The quantizer's input (B, embed_dim, h, w) (for EMA codebook updates).
+    pub prequant: Tensor,
 }
 
 /// A VQ first-stage model (any of the reference's four).
@@ -443,7 +465,7 @@ impl VqModel {
     pub fn encode_to_prequant(&self, x: &Tensor) -> Result<Tensor> {
         self.check_input(x)?;
         let h = self.encoder.forward(x)?;
-        Ok(self.quant_conv.forward(&h)?)
+        conv(&self.quant_conv, &h)
     }
 
     /// `encode`: (B, C, H, W) -> quantized latent, quantizer loss, indices (B, H/f * W/f).
@@ -454,7 +476,7 @@ impl VqModel {
 
     /// `decode`: quantized latent (B, embed_dim, h, w) -> (B, out_ch, h*f, w*f).
     pub fn decode(&self, quant: &Tensor) -> Result<Tensor> {
-        let h = self.post_quant_conv.forward(quant)?; // (B, z_channels, h, w)
+        let h = conv(&self.post_quant_conv, quant)?; // (B, z_channels, h, w)
         self.decoder.forward(&h)
     }
 
@@ -473,6 +495,26 @@ impl VqModel {
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let q = self.encode(x)?;
         Ok((self.decode(&q.quant)?, q.loss))
+    }
+
+    /// The training forward pass: reconstruction, quantizer loss, indices and the input of the
+    /// decoder's last layer (for the adaptive GAN weight). Run it inside
+    /// [`crate::nn::training_mode`] so that every kernel records gradients.
+    pub fn forward_train(&self, x: &Tensor) -> Result<TrainForward> {
+        self.forward_train_with(x, None)
+    }
+
+    /// [`VqModel::forward_train`] with a Gumbel quantizer's training draw (temperature, noise
+    /// seed); `None` quantizes as at inference.
+    pub fn forward_train_with(&self, x: &Tensor, gumbel: Option<(f64, u64)>) -> Result<TrainForward> {
+        let prequant = self.encode_to_prequant(x)?; // (B, embed_dim, h, w)
+        let q = match (&self.quantize, gumbel) {
+            (Quantizer::Gumbel(g), Some((temperature, seed))) => g.forward_train(&prequant, temperature, seed)?,
+            _ => self.quantize.forward(&prequant)?,
+        };
+        let h = conv(&self.post_quant_conv, &q.quant)?; // (B, z_channels, h, w)
+        let (reconstruction, last_layer_input) = self.decoder.forward_with_last_input(&h)?;
+        Ok(TrainForward { reconstruction, qloss: q.loss, indices: q.indices, last_layer_input, prequant })
     }
 
     /// `to_rgb`: the segmentation model's fixed random projection of label channels to RGB,

@@ -361,19 +361,44 @@ pub fn load_depth_raw(path: &Path) -> Result<(Vec<f32>, usize, usize)> {
 }
 
 /// Loads a depth map as (1, 1, H, W) min-max normalised to [-1, 1] (`preprocess_depth`),
-/// optionally rescaled (bilinear) and center-cropped to `size` x `size`.
+/// optionally rescaled (bilinear) and center-cropped to `size` x `size`. As in the reference the
+/// map is normalised over the whole image first and then resized and cropped (so a crop need not
+/// span the full [-1, 1]). The resize runs on the [0, 1] form and the affine map to [-1, 1] comes
+/// after it: the `image` crate clamps float pixels to [0, 1] when resizing, and bilinear
+/// interpolation commutes with the affine map.
 pub fn load_depth(path: &Path, size: Option<u32>, device: &Device) -> Result<Tensor> {
-    let (mut vals, mut h, mut w) = load_depth_raw(path)?;
+    let (vals, mut h, mut w) = load_depth_raw(path)?;
+    let mut unit = unit_range(&vals); // [0, 1]
     if let Some(s) = size {
-        let buf = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(w as u32, h as u32, vals)
+        let buf = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(w as u32, h as u32, unit)
             .ok_or_else(|| image_err(path, "depth map size mismatch"))?;
         let r = resize_smallest_side(&buf, s, Interpolation::Bilinear);
         let (rw, rh) = r.dimensions();
         let c = crop(&r, center_crop_origin(rw, rh, s, s), s, s)?;
         (h, w) = (s as usize, s as usize);
-        vals = c.into_raw();
+        unit = c.into_raw();
     }
-    normalize_depth(vals, h, w, device)
+    let norm: Vec<f32> = unit.iter().map(|v| 2.0 * v - 1.0).collect();
+    Ok(Tensor::from_vec(norm, (1, 1, h, w), device)?)
+}
+
+/// Loads a depth map normalised to [-1, 1] over the whole map, then scaled to cover `h` x `w`
+/// and center-cropped to exactly that size (bilinear; see [`load_depth`] for the order).
+pub fn load_depth_fit(path: &Path, h: u32, w: u32, device: &Device) -> Result<Tensor> {
+    let (vals, dh, dw) = load_depth_raw(path)?;
+    let buf = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(dw as u32, dh as u32, unit_range(&vals))
+        .ok_or_else(|| image_err(path, "depth map size mismatch"))?;
+    let buf = fit(&buf, h, w, Interpolation::Bilinear)?;
+    let norm: Vec<f32> = buf.into_raw().iter().map(|v| 2.0 * v - 1.0).collect();
+    Ok(Tensor::from_vec(norm, (1, 1, h as usize, w as usize), device)?)
+}
+
+/// `(v - min) / max(max - min, 1e-8)`: raw depth values to [0, 1].
+fn unit_range(vals: &[f32]) -> Vec<f32> {
+    let min = vals.iter().cloned().fold(f32::INFINITY, f32::min);
+    let max = vals.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let range = (max - min).max(1e-8);
+    vals.iter().map(|v| (v - min) / range).collect()
 }
 
 /// Min-max normalises raw depth values (H*W) to [-1, 1]: (1, 1, H, W).
@@ -388,6 +413,30 @@ pub fn normalize_depth(vals: Vec<f32>, h: usize, w: usize, device: &Device) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Raw inverse depths far outside [0, 1] keep their full range through a resize (the `image`
+    /// crate clamps float pixels to [0, 1] when resizing).
+    #[test]
+    fn depth_resize_keeps_range() -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let (w, h) = (40u32, 30u32);
+        let mut bytes = Vec::new();
+        for y in 0..h {
+            for x in 0..w {
+                let v = -500.0f32 + 40.0 * x as f32 + 3.0 * y as f32;
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        let img = image::RgbaImage::from_raw(w, h, bytes).unwrap();
+        let p = tmp.path().join("d.png");
+        img.save(&p)?;
+        let t = load_depth(&p, Some(20), &Device::Cpu)?;
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        let min = v.iter().cloned().fold(f32::INFINITY, f32::min);
+        let max = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        assert!(min < -0.7 && max > 0.7, "range {min}..{max}");
+        Ok(())
+    }
 
     #[test]
     fn smallest_side() {

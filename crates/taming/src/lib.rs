@@ -14,21 +14,26 @@
 //! - [`pipeline`]: sampling tasks end to end (condition in, images out);
 //! - [`model`]: building a model from config + checkpoint, strictly, with a load report;
 //! - [`image_io`]: the reference's image, segmentation and depth conventions;
+//! - [`train`]: training both stages (optimizers, run directories, checkpoints, the loop);
 //! - [`verify`]: parity checks against fixtures made by the reference.
 
 pub mod checkpoint;
 pub mod cond_stage;
 pub mod cond_transformer;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod first_stage;
 pub mod image_io;
+pub mod kernels;
+pub mod losses;
 pub mod model;
 pub mod nn;
 pub mod pipeline;
 pub mod permuter;
 pub mod quantize;
 pub mod sampling;
+pub mod train;
 pub mod transformer;
 pub mod verify;
 

@@ -55,7 +55,8 @@ fn preview(keys: &[String]) -> String {
 }
 
 /// Prefixes of keys that only training reads, relative to a first-stage model.
-pub const TRAINING_ONLY_PREFIXES: &[&str] = &["loss."];
+/// (`optimizer_states.`: the optimizer moments in checkpoints written by `taming train`.)
+pub const TRAINING_ONLY_PREFIXES: &[&str] = &["loss.", "optimizer_states."];
 
 /// Builds the report after a model has been built from `sd` through a tracked var builder.
 pub fn report(sd: &StateDict, usage: &crate::checkpoint::Usage, ignored: &[&str]) -> LoadReport {

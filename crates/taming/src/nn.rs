@@ -4,11 +4,84 @@
 //! reference's eps of 1e-6), `nonlinearity` (swish), `ResnetBlock`, `AttnBlock`, `Upsample` and
 //! `Downsample` (with the reference's asymmetric `(0, 1, 0, 1)` zero padding before a stride-2 conv).
 //! Module paths follow the reference's state-dict keys (`norm1`, `conv1`, `nin_shortcut`, `q`, ...).
+//!
+//! Training mode ([`training_mode`]) swaps candle's fused kernels, which record no gradient
+//! (`softmax_last_dim`, `LayerNorm`'s fused path) or have a slow backward (`conv2d`), for
+//! differentiable forms: [`conv`], [`softmax_last_dim`] and [`layer_norm`] pick the form. Inference
+//! keeps the fused kernels.
+
+use std::cell::Cell;
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, VarBuilder};
 
+use crate::kernels::{conv2d_im2col, im2col_supported, Padding};
 use crate::Result;
+
+thread_local! {
+    static TRAINING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the current thread runs forward passes for training (see [`training_mode`]).
+pub fn training() -> bool {
+    TRAINING.with(|t| t.get())
+}
+
+/// While alive, forward passes on this thread use differentiable kernels; the previous mode is
+/// restored on drop (like `torch.enable_grad()` as a context manager).
+#[derive(Debug)]
+pub struct TrainingMode {
+    previous: bool,
+}
+
+/// Enters training mode on this thread until the returned guard is dropped.
+pub fn training_mode() -> TrainingMode {
+    let previous = TRAINING.with(|t| t.replace(true));
+    TrainingMode { previous }
+}
+
+impl Drop for TrainingMode {
+    fn drop(&mut self) {
+        let previous = self.previous;
+        TRAINING.with(|t| t.set(previous));
+    }
+}
+
+/// Applies a candle `Conv2d`: in training mode on the CPU through [`conv2d_im2col`] (fast
+/// backward), otherwise candle's kernel.
+pub fn conv(conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
+    let cfg = conv.config();
+    if training() && im2col_supported(x) && cfg.dilation == 1 && cfg.groups == 1 {
+        return conv2d_im2col(x, conv.weight(), conv.bias(), cfg.stride, Padding::same(cfg.padding));
+    }
+    Ok(conv.forward(x)?)
+}
+
+/// Softmax over the last dimension: fused at inference, differentiable in training mode.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if training() {
+        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    } else {
+        Ok(candle_nn::ops::softmax_last_dim(x)?)
+    }
+}
+
+/// `nn.LayerNorm` over the last dimension: candle's fused kernel at inference, a differentiable
+/// composition (same formula: biased variance, eps inside the square root) in training mode.
+pub fn layer_norm(ln: &LayerNorm, eps: f64, x: &Tensor) -> Result<Tensor> {
+    if !training() {
+        return Ok(ln.forward(x)?);
+    }
+    let n = x.dim(D::Minus1)? as f64;
+    let mean = (x.sum_keepdim(D::Minus1)? / n)?; // (.., 1)
+    let xc = x.broadcast_sub(&mean)?; // (.., C)
+    let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / n)?; // (.., 1)
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(ln.weight())?;
+    Ok(match ln.bias() {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
 
 /// The reference's GroupNorm epsilon (`Normalize` in model.py), not torch's default 1e-5.
 pub const GROUP_NORM_EPS: f64 = 1e-6;
@@ -87,11 +160,11 @@ impl ResnetBlock {
     /// x: (B, C_in, H, W) -> (B, C_out, H, W). Dropout is the identity at inference.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = swish(&self.norm1.forward(x)?)?; // (B, C_in, H, W)
-        let h = self.conv1.forward(&h)?; // (B, C_out, H, W)
+        let h = conv(&self.conv1, &h)?; // (B, C_out, H, W)
         let h = swish(&self.norm2.forward(&h)?)?;
-        let h = self.conv2.forward(&h)?; // (B, C_out, H, W)
+        let h = conv(&self.conv2, &h)?; // (B, C_out, H, W)
         let x = match &self.shortcut {
-            Some(conv) => conv.forward(x)?, // (B, C_out, H, W)
+            Some(c) => conv(c, x)?, // (B, C_out, H, W)
             None => x.clone(),
         };
         Ok((x + h)?)
@@ -123,15 +196,15 @@ impl AttnBlock {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let hn = self.norm.forward(x)?;
-        let q = self.q.forward(&hn)?.reshape((b, c, h * w))?; // (B, C, HW)
-        let k = self.k.forward(&hn)?.reshape((b, c, h * w))?; // (B, C, HW)
-        let v = self.v.forward(&hn)?.reshape((b, c, h * w))?; // (B, C, HW)
+        let q = conv(&self.q, &hn)?.reshape((b, c, h * w))?; // (B, C, HW)
+        let k = conv(&self.k, &hn)?.reshape((b, c, h * w))?; // (B, C, HW)
+        let v = conv(&self.v, &hn)?.reshape((b, c, h * w))?; // (B, C, HW)
         let q = q.transpose(1, 2)?.contiguous()?; // (B, HW, C)
         let scores = (q.matmul(&k)? * (c as f64).powf(-0.5))?; // (B, HWq, HWk)
-        let attn = candle_nn::ops::softmax_last_dim(&scores)?; // (B, HWq, HWk)
+        let attn = softmax_last_dim(&scores)?; // (B, HWq, HWk)
         // out[b, c, i] = sum_j v[b, c, j] * attn[b, i, j]
         let out = v.matmul(&attn.transpose(1, 2)?.contiguous()?)?; // (B, C, HWq)
-        let out = self.proj_out.forward(&out.reshape((b, c, h, w))?)?; // (B, C, H, W)
+        let out = conv(&self.proj_out, &out.reshape((b, c, h, w))?)?; // (B, C, H, W)
         Ok((x + out)?)
     }
 }
@@ -157,7 +230,7 @@ impl Upsample {
         let (_, _, h, w) = x.dims4()?;
         let x = x.upsample_nearest2d(2 * h, 2 * w)?; // (B, C, 2H, 2W)
         match &self.conv {
-            Some(conv) => Ok(conv.forward(&x)?),
+            Some(c) => conv(c, &x),
             None => Ok(x),
         }
     }
@@ -184,10 +257,15 @@ impl Downsample {
     /// x: (B, C, H, W) -> (B, C, H/2, W/2).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.conv {
-            Some(conv) => {
+            Some(c) => {
+                if training() && im2col_supported(x) {
+                    // the same padding folded into im2col, without materialising the padded copy
+                    let pad = Padding { top: 0, bottom: 1, left: 0, right: 1 };
+                    return conv2d_im2col(x, c.weight(), c.bias(), 2, pad);
+                }
                 // F.pad(x, (0, 1, 0, 1)): one zero column on the right, one zero row at the bottom.
                 let x = x.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(2, 0, 1)?; // (B, C, H+1, W+1)
-                Ok(conv.forward(&x)?)
+                Ok(c.forward(&x)?)
             }
             None => Ok(x.avg_pool2d(2)?),
         }

@@ -347,6 +347,56 @@ impl GumbelQuantizer {
         let idx = apply_remap(&self.remap, &indices.to_dtype(DType::U32)?, false)?;
         lookup(&self.embed, &idx, grid)
     }
+
+    /// The training forward pass (`self.training`, `straight_through=True`):
+    /// `F.gumbel_softmax(logits, tau=temperature, dim=1, hard=True)` with Gumbel noise drawn from
+    /// `seed`, so the codes are the hard one-hot argmax and the gradient is the soft sample's;
+    /// `z_q = one_hot @ embed`; the KL term as in [`GumbelQuantizer::forward`].
+    pub fn forward_train(&self, z: &Tensor, temperature: f64, seed: u64) -> Result<Quantized> {
+        if self.remap.is_some() {
+            return Err(Error::invalid(
+                "training a GumbelVQ with `remap` is not supported; train without remap and remap afterwards",
+            ));
+        }
+        let logits = crate::nn::conv(&self.proj, z)?; // (B, K, H, W)
+        let (b, k, h, w) = logits.dims4()?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let g: Vec<f32> = (0..b * k * h * w)
+            .map(|_| {
+                let u: f32 = rng.random_range(f32::MIN_POSITIVE..1.0);
+                -(-u.ln()).ln()
+            })
+            .collect();
+        let g = Tensor::from_vec(g, (b, k, h, w), logits.device())?;
+        let y_soft = candle_nn::ops::softmax(&((&logits + g)? / temperature)?, 1)?; // (B, K, H, W)
+        let idx = y_soft.argmax_keepdim(1)?; // (B, 1, H, W)
+        let ar = Tensor::arange(0u32, k as u32, z.device())?.reshape((1, k, 1, 1))?;
+        let y_hard = idx.broadcast_eq(&ar)?.to_dtype(y_soft.dtype())?; // (B, K, H, W)
+        let one_hot = ((y_hard - y_soft.detach())? + &y_soft)?; // straight-through
+        let oh = one_hot.permute((0, 2, 3, 1))?.reshape((b * h * w, k))?; // (N, K)
+        let zq = oh.matmul(&self.embed)?; // (N, D)
+        let d = self.embed.dim(1)?;
+        let quant = zq.reshape((b, h, w, d))?.permute((0, 3, 1, 2))?.contiguous()?; // (B, D, H, W)
+        let qy = candle_nn::ops::softmax(&logits, 1)?; // (B, K, H, W)
+        let kl = (&qy * ((&qy * self.n_embed as f64)? + 1e-10)?.log()?)?.sum(1)?.mean_all()?;
+        let loss = (kl * self.kl_weight)?;
+        let indices = idx.reshape((b, h * w))?;
+        Ok(Quantized { quant, loss, indices, grid: (h, w) })
+    }
+}
+
+/// `EmbeddingEMA`'s decay.
+pub const EMA_DECAY: f64 = 0.99;
+/// `EmbeddingEMA`'s smoothing epsilon.
+pub const EMA_EPS: f64 = 1e-5;
+
+/// The new EMA state after one training batch (the reference updates it inside `forward` when
+/// training): `(weight, cluster_size, embed_avg)`.
+#[derive(Debug, Clone)]
+pub struct EmaUpdate {
+    pub weight: Tensor,
+    pub cluster_size: Tensor,
+    pub embed_avg: Tensor,
 }
 
 /// `EMAVectorQuantizer`: the codebook `embedding.weight` is updated by exponential moving averages
@@ -410,6 +460,24 @@ impl EmaVectorQuantizer {
     pub fn lookup(&self, indices: &Tensor, grid: (usize, usize)) -> Result<Tensor> {
         let idx = apply_remap(&self.remap, &indices.to_dtype(DType::U32)?, false)?;
         lookup(&self.weight, &idx, grid)
+    }
+
+    /// The EMA update for latents `z` (B, C, H, W) as `EMAVectorQuantizer.forward` does it in
+    /// training: `cluster_size = d cs + (1 - d) counts`, `embed_avg = d ea + (1 - d) onehot^T z`,
+    /// `weight = embed_avg / ((cs + eps) / (n + K eps) * n)` with `n = sum(cs)`.
+    pub fn ema_update(&self, z: &Tensor) -> Result<EmaUpdate> {
+        let (zf, idx) = nearest_codes(&z.detach(), &self.weight)?; // (N, C), (N)
+        let k = self.weight.dim(0)?;
+        let ar = Tensor::arange(0u32, k as u32, z.device())?.unsqueeze(0)?; // (1, K)
+        let onehot = idx.unsqueeze(1)?.broadcast_eq(&ar)?.to_dtype(zf.dtype())?; // (N, K)
+        let counts = onehot.sum(0)?; // (K)
+        let sums = onehot.t()?.matmul(&zf)?; // (K, C)
+        let cluster_size = ((&self.cluster_size * EMA_DECAY)? + (counts * (1.0 - EMA_DECAY))?)?;
+        let embed_avg = ((&self.embed_avg * EMA_DECAY)? + (sums * (1.0 - EMA_DECAY))?)?;
+        let n = cluster_size.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let smoothed = ((&cluster_size + EMA_EPS)? * (n / (n + k as f64 * EMA_EPS)))?; // (K)
+        let weight = embed_avg.broadcast_div(&smoothed.unsqueeze(1)?)?; // (K, C)
+        Ok(EmaUpdate { weight, cluster_size, embed_avg })
     }
 }
 

@@ -24,6 +24,11 @@ fn layer_norm(n: usize, vb: VarBuilder) -> Result<LayerNorm> {
     Ok(candle_nn::layer_norm(n, LAYER_NORM_EPS, vb)?)
 }
 
+/// A LayerNorm forward that records gradients in training mode (see [`crate::nn::layer_norm`]).
+fn ln(norm: &LayerNorm, x: &Tensor) -> Result<Tensor> {
+    crate::nn::layer_norm(norm, LAYER_NORM_EPS, x)
+}
+
 /// Per-layer key/value storage, allocated once for the block size and filled in place.
 #[derive(Debug, Clone)]
 pub struct KvCache {
@@ -102,19 +107,18 @@ impl SelfAttention {
                 kc.slice_set(&k, 2, start)?;
                 vc.slice_set(&v, 2, start)?;
                 let total = start + t;
-                (
-                    kc.narrow(2, 0, total)?.contiguous()?, // (B, nh, S, hs)
-                    vc.narrow(2, 0, total)?.contiguous()?,
-                )
+                // strided views into the cache: each (S, hs) matrix is contiguous, which is all
+                // the batched matmul needs, so nothing is copied per step
+                (kc.narrow(2, 0, total)?, vc.narrow(2, 0, total)?) // (B, nh, S, hs)
             }
             None => (k, v),
         };
-        let att = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hs as f64).sqrt()))?; // (B, nh, T, S)
+        let att = (q.matmul(&k.t()?)? * (1.0 / (hs as f64).sqrt()))?; // (B, nh, T, S)
         let att = match mask {
             Some(m) => att.broadcast_add(m)?,
             None => att,
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?; // (B, nh, T, S)
+        let att = crate::nn::softmax_last_dim(&att)?; // (B, nh, T, S)
         let y = att.matmul(&v)?; // (B, nh, T, hs)
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, c))?; // (B, T, C)
         Ok(self.proj.forward(&y)?)
@@ -149,8 +153,8 @@ impl Block {
         mask: Option<&Tensor>,
         cache: Option<(&mut (Tensor, Tensor), usize)>,
     ) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln1.forward(x)?, mask, cache)?)?; // (B, T, C)
-        let h = self.fc.forward(&self.ln2.forward(&x)?)?.gelu_erf()?; // (B, T, 4C)
+        let x = (x + self.attn.forward(&ln(&self.ln1, x)?, mask, cache)?)?; // (B, T, C)
+        let h = self.fc.forward(&ln(&self.ln2, &x)?)?.gelu_erf()?; // (B, T, 4C)
         Ok((x + self.fc_out.forward(&h)?)?)
     }
 }
@@ -276,7 +280,7 @@ impl Gpt {
             };
             x = block.forward(&x, mask.as_ref(), layer_cache)?;
         }
-        Ok(self.ln_f.forward(&x)?)
+        ln(&self.ln_f, &x)
     }
 
     /// `forward(idx, embeddings)`: logits (B, P+T, vocab) in float32 for every position.

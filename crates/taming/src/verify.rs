@@ -29,6 +29,9 @@ pub enum Tolerance {
     Abs(f64),
     /// |a - b| <= tol * |expected| (scalar losses).
     Rel(f64),
+    /// |a - b| <= tol * scale: a sum of terms that nearly cancel, whose float32 error scales with
+    /// the terms' magnitudes (`scale`), not with the small result.
+    RelTo(f64, f64),
 }
 
 impl std::fmt::Display for Tolerance {
@@ -37,6 +40,7 @@ impl std::fmt::Display for Tolerance {
             Tolerance::Exact => write!(f, "exact"),
             Tolerance::Abs(t) => write!(f, "abs {t:.0e}"),
             Tolerance::Rel(t) => write!(f, "rel {t:.0e}"),
+            Tolerance::RelTo(t, s) => write!(f, "rel {t:.0e} of the terms' magnitude {s:.3}"),
         }
     }
 }
@@ -141,6 +145,12 @@ pub fn compare(name: &str, actual: &Tensor, expected: &Tensor, tol: Tolerance) -
             let e = expected.to_dtype(DType::F64)?;
             let d = (a - &e)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
             let scale = e.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+            (d, d <= t * scale.max(1e-12))
+        }
+        Tolerance::RelTo(t, scale) => {
+            let a = actual.to_dtype(DType::F64)?;
+            let e = expected.to_dtype(DType::F64)?;
+            let d = (a - &e)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
             (d, d <= t * scale.max(1e-12))
         }
     };
@@ -256,6 +266,7 @@ pub fn verify_dir(dir: &Path, device: &Device) -> Result<Report> {
             let name = format!("{:?}", model.kind());
             let mut ck = Checker::new(&io, dir, name);
             check_first_stage(&mut ck, &model, &cfg.kind)?;
+            check_losses(&mut ck, &model, cfg, &sd)?;
             Ok(ck.finish(skip_reason))
         }
         ModelConfig::Transformer(cfg) => {
@@ -270,10 +281,60 @@ pub fn verify_dir(dir: &Path, device: &Device) -> Result<Report> {
 
 fn skip_reason(name: &str) -> String {
     if name.starts_with("loss/") {
-        "training losses are not implemented in this build".into()
+        "not a loss term of the config's lossconfig".into()
     } else {
         "not produced by this build".into()
     }
+}
+
+/// Checks the `loss/*` tensors: one training step's loss terms of `VQLPIPSWithDiscriminator` at
+/// `global_step = disc_start`, computed on the fixture's `input` with the checkpoint's LPIPS and
+/// discriminator weights (model in train mode, LPIPS in eval mode, discriminator BatchNorm on
+/// batch statistics), including the adaptive weight, which needs gradients.
+pub fn check_losses(ck: &mut Checker, model: &VqModel, cfg: &crate::config::VqModelConfig, sd: &StateDict) -> Result<()> {
+    use crate::losses::vqperceptual::{LastLayer, VqLoss};
+    use crate::losses::LossConfig;
+    if !ck.io.names().any(|n| n.starts_with("loss/")) {
+        return Ok(());
+    }
+    let Some(lossconfig) = &cfg.lossconfig else { return Ok(()) };
+    let (LossConfig::VqLpips(lc), _) = LossConfig::from_target(lossconfig)? else { return Ok(()) };
+    let step = lc.disc_start;
+    let input = ck.io.require("input")?.clone();
+    let loss = VqLoss::from_state_dict(lc, sd, "loss.", None, 0, input.device())?;
+    // make_fixtures.py computes the losses after `model.train(); model.loss.eval()`, which puts the
+    // discriminator in eval mode too: its BatchNorm uses the checkpoint's running statistics (the
+    // fixture's values agree with that and not with batch statistics).
+    loss.discriminator().set_training(false);
+    let _mode = crate::nn::training_mode();
+    let out = model.forward_train(&input)?;
+    let last = LastLayer { input: &out.last_layer_input, conv: model.decoder().conv_out() };
+    let gen = loss.generator_step(&input, &out.reconstruction, &out.qloss, step, Some(last), None)?;
+    let disc = loss.discriminator_step(&input, &out.reconstruction, step, None)?;
+    let one = |v: f32| Tensor::new(&[v], input.device());
+    let magnitude = gen
+        .logs
+        .iter()
+        .find(|(k, _)| k == "total_loss_terms_magnitude")
+        .map(|(_, v)| *v as f64)
+        .unwrap_or(1.0);
+    for (k, v) in gen.logs.iter().chain(&disc.logs) {
+        match k.as_str() {
+            "total_loss" => {
+                // nll + d_weight * g_loss + quant nearly cancel: compare relative to the terms
+                let tol = Tolerance::RelTo(REL_TOL, magnitude);
+                ck.check("loss/aeloss", &one(*v)?, tol)?;
+                ck.check("loss/total_loss", &one(*v)?, tol)?;
+            }
+            "total_loss_terms_magnitude" => {}
+            "disc_loss" => {
+                ck.check("loss/discloss", &one(*v)?, Tolerance::Rel(REL_TOL))?;
+                ck.check("loss/disc_loss", &one(*v)?, Tolerance::Rel(REL_TOL))?;
+            }
+            _ => ck.check(&format!("loss/{k}"), &one(*v)?, Tolerance::Rel(REL_TOL))?,
+        }
+    }
+    Ok(())
 }
 
 /// Checks every first-stage tensor of FIXTURES.md that the fixture holds.

@@ -32,9 +32,28 @@ const FIRST_STAGE: &[&str] = &[
     "decoded_from_indices",
 ];
 
+/// One training step's loss terms (FIXTURES.md `loss/*`), the adaptive weight included.
+const LOSSES: &[&str] = &[
+    "loss/aeloss",
+    "loss/total_loss",
+    "loss/nll_loss",
+    "loss/rec_loss",
+    "loss/p_loss",
+    "loss/g_loss",
+    "loss/d_weight",
+    "loss/disc_factor",
+    "loss/quant_loss",
+    "loss/discloss",
+    "loss/disc_loss",
+    "loss/logits_real",
+    "loss/logits_fake",
+];
+
 #[test]
 fn vqgan_f4() {
-    assert_parity("vqgan_f4", FIRST_STAGE);
+    let mut all = FIRST_STAGE.to_vec();
+    all.extend(LOSSES);
+    assert_parity("vqgan_f4", &all);
 }
 
 #[test]

@@ -16,6 +16,7 @@
 pub mod pickle;
 mod st;
 mod torch;
+pub mod trainable;
 mod var_builder;
 
 use std::collections::BTreeMap;
@@ -145,6 +146,12 @@ impl StateDict {
             format: None,
             metadata: BTreeMap::new(),
         }
+    }
+
+    /// The same tensors with `metadata` (written as safetensors `__metadata__` on save).
+    pub fn with_metadata(mut self, metadata: BTreeMap<String, String>) -> StateDict {
+        self.metadata = metadata;
+        self
     }
 
     /// The file the tensors came from.

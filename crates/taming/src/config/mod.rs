@@ -904,13 +904,14 @@ pub fn find_configs(logdir: &Path) -> Result<(Vec<PathBuf>, PathBuf)> {
     let (dir, ckpt) = if logdir.is_file() {
         (log_dir_of_checkpoint(logdir), logdir.to_path_buf())
     } else {
-        let ckpt = logdir.join("checkpoints").join("last.ckpt");
-        if !ckpt.is_file() {
+        // the reference writes last.ckpt; taming-rs runs write last.safetensors
+        let ckpts = ["last.ckpt", "last.safetensors"].map(|n| logdir.join("checkpoints").join(n));
+        let Some(ckpt) = ckpts.iter().find(|p| p.is_file()).cloned() else {
             return Err(err(format!(
-                "missing checkpoint {} (a log directory has checkpoints/last.ckpt)",
-                ckpt.display()
+                "missing checkpoint {} (a log directory has checkpoints/last.ckpt, or checkpoints/last.safetensors when written by taming train)",
+                ckpts[0].display()
             )));
-        }
+        };
         (logdir.to_path_buf(), ckpt)
     };
     let cfg_dir = dir.join("configs");
