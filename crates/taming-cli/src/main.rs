@@ -51,6 +51,7 @@ enum Cmd {
 }
 
 fn main() -> std::process::ExitCode {
+    taming::tune_allocator();
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "info",

@@ -38,3 +38,21 @@ pub mod transformer;
 pub mod verify;
 
 pub use error::{Error, Result};
+
+/// Keeps freed memory in the process instead of returning it to the system after every tensor.
+///
+/// glibc's malloc serves blocks above 128 KiB (most tensors) with a fresh `mmap` and unmaps them
+/// on free, so every tensor op pays page faults and kernel page zeroing on its output; on a VQGAN
+/// training step that is most of the time (measured: 0.9 s forward and 3.5 s backward with this,
+/// 2.2 s and 10.6 s without, batch 8 at 64x64 on 2 cores). This turns `mmap` off for allocations
+/// and never trims the heap. Call it once at program start; elsewhere than glibc it does nothing.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; it is called with valid constants and
+    // affects performance, not memory safety.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
