@@ -32,6 +32,7 @@ pub mod nn;
 pub mod pipeline;
 pub mod permuter;
 pub mod quantize;
+pub mod scenes;
 pub mod sampling;
 pub mod train;
 pub mod transformer;
