@@ -78,7 +78,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time<T>(warmup: usize, iters: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<f64> {
+fn time<T>(
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<f64> {
     for _ in 0..warmup {
         f()?;
     }
@@ -180,14 +184,22 @@ fn sample(b: SampleBench) -> anyhow::Result<ExitCode> {
     };
     let bytes_per_token = params as f64 * dtype.size_in_bytes() as f64;
     let c = Tensor::from_vec(
-        (0..b.batch * b.cond_tokens).map(|i| (i % cfg.vocab_size) as u32).collect::<Vec<_>>(),
+        (0..b.batch * b.cond_tokens)
+            .map(|i| (i % cfg.vocab_size) as u32)
+            .collect::<Vec<_>>(),
         (b.batch, b.cond_tokens),
         &device,
     )?;
     let empty = Tensor::zeros((b.batch, 0), DType::U32, &device)?;
-    let opts = SamplingOptions { top_k: Some(100), seed: 0, ..Default::default() };
+    let opts = SamplingOptions {
+        top_k: Some(100),
+        seed: 0,
+        ..Default::default()
+    };
     // warm-up: a few tokens
-    sample_sequence(&gpt, &c, &empty, 4, &opts, None, &mut |_| taming::sampling::Control::Continue)?;
+    sample_sequence(&gpt, &c, &empty, 4, &opts, None, &mut |_| {
+        taming::sampling::Control::Continue
+    })?;
     let t = Instant::now();
     let mut first = None;
     sample_sequence(&gpt, &c, &empty, b.tokens, &opts, None, &mut |p| {

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
 use taming::config::{ModelConfig, ProjectConfig};
-use taming::train::{self, Trainer, TrainState};
+use taming::train::{self, TrainState, Trainer};
 
 #[derive(Args)]
 pub struct TrainBench {
@@ -70,7 +70,10 @@ pub fn train(b: TrainBench) -> anyhow::Result<ExitCode> {
                 let x = Tensor::rand(-1f32, 1f32, (b.batch, c, b.size, b.size), &dev)?;
                 let mut batch = BTreeMap::new();
                 batch.insert(cfg.image_key.clone(), x);
-                let state = TrainState { global_step: disc_start + i as u64, ..Default::default() };
+                let state = TrainState {
+                    global_step: disc_start + i as u64,
+                    ..Default::default()
+                };
                 let t0 = Instant::now();
                 last = t.step(&batch, &state)?;
                 if i >= b.warmup {
@@ -92,10 +95,15 @@ pub fn train(b: TrainBench) -> anyhow::Result<ExitCode> {
         ModelConfig::Transformer(cfg) => {
             let g = &cfg.transformer;
             let map = VarMap::new();
-            let gpt = taming::transformer::Gpt::new(g, VarBuilder::from_varmap(&map, DType::F32, &dev))?;
+            let gpt =
+                taming::transformer::Gpt::new(g, VarBuilder::from_varmap(&map, DType::F32, &dev))?;
             train::init::reinit_gpt(&map, 0, "")?;
-            let params = train::init::sorted_vars(&map).into_iter().map(|(k, v)| (k, v, 0.01)).collect();
-            let mut opt = train::optim::Adam::new(params, train::optim::AdamConfig::adamw(1e-4, 0.9, 0.95))?;
+            let params = train::init::sorted_vars(&map)
+                .into_iter()
+                .map(|(k, v)| (k, v, 0.01))
+                .collect();
+            let mut opt =
+                train::optim::Adam::new(params, train::optim::AdamConfig::adamw(1e-4, 0.9, 0.95))?;
             let t_len = g.block_size;
             let mut times = Vec::new();
             for i in 0..b.warmup + b.steps.max(1) {
@@ -107,7 +115,8 @@ pub fn train(b: TrainBench) -> anyhow::Result<ExitCode> {
                 let input = idx.narrow(1, 0, t_len - 1)?;
                 let target = idx.narrow(1, 1, t_len - 1)?;
                 let logits = gpt.forward(&input, None)?;
-                let loss = taming::cond_transformer::Net2NetTransformer::cross_entropy(&logits, &target)?;
+                let loss =
+                    taming::cond_transformer::Net2NetTransformer::cross_entropy(&logits, &target)?;
                 opt.step(&loss.backward()?)?;
                 if i >= b.warmup {
                     times.push(t0.elapsed().as_secs_f64());

@@ -69,8 +69,11 @@ impl ModelArgs {
 pub fn device(name: &str) -> anyhow::Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).context("cannot open CUDA device 0 (is the `cuda` feature built?)"),
-        "metal" => Device::new_metal(0).context("cannot open Metal device 0 (is the `metal` feature built?)"),
+        "cuda" => {
+            Device::new_cuda(0).context("cannot open CUDA device 0 (is the `cuda` feature built?)")
+        }
+        "metal" => Device::new_metal(0)
+            .context("cannot open Metal device 0 (is the `metal` feature built?)"),
         other => bail!("unknown device `{other}`: use cpu, cuda or metal"),
     }
 }

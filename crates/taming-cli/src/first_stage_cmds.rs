@@ -216,9 +216,10 @@ pub fn write_codes(path: &Path, idx: &Tensor, grid: (usize, usize)) -> anyhow::R
 pub fn read_codes(path: &Path, device: &Device) -> anyhow::Result<(Tensor, (usize, usize))> {
     let is_json = path.extension().is_some_and(|e| e == "json");
     if is_json {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", path.display()))?;
         let grid = v["grid"]
             .as_array()
             .filter(|g| g.len() == 2)
@@ -229,12 +230,26 @@ pub fn read_codes(path: &Path, device: &Device) -> anyhow::Result<(Tensor, (usiz
             .with_context(|| format!("{}: `indices` must be a list of lists", path.display()))?;
         let mut flat = Vec::new();
         for r in rows {
-            let r = r.as_array().with_context(|| format!("{}: `indices` rows must be lists", path.display()))?;
+            let r = r
+                .as_array()
+                .with_context(|| format!("{}: `indices` rows must be lists", path.display()))?;
             if r.len() != grid.0 * grid.1 {
-                bail!("{}: a row has {} indices, the grid {}x{} needs {}", path.display(), r.len(), grid.0, grid.1, grid.0 * grid.1);
+                bail!(
+                    "{}: a row has {} indices, the grid {}x{} needs {}",
+                    path.display(),
+                    r.len(),
+                    grid.0,
+                    grid.1,
+                    grid.0 * grid.1
+                );
             }
             for x in r {
-                flat.push(x.as_u64().with_context(|| format!("{}: index {x} is not a non-negative integer", path.display()))? as u32);
+                flat.push(x.as_u64().with_context(|| {
+                    format!(
+                        "{}: index {x} is not a non-negative integer",
+                        path.display()
+                    )
+                })? as u32);
             }
         }
         let b = rows.len();
@@ -242,16 +257,33 @@ pub fn read_codes(path: &Path, device: &Device) -> anyhow::Result<(Tensor, (usiz
     } else {
         let t = candle_core::safetensors::load(path, device)
             .with_context(|| format!("cannot read codes from {}", path.display()))?;
-        let idx = t.get("indices").with_context(|| format!("{}: no `indices` tensor", path.display()))?;
-        let g = t.get("grid").with_context(|| format!("{}: no `grid` tensor", path.display()))?;
+        let idx = t
+            .get("indices")
+            .with_context(|| format!("{}: no `indices` tensor", path.display()))?;
+        let g = t
+            .get("grid")
+            .with_context(|| format!("{}: no `grid` tensor", path.display()))?;
         let g = g.to_dtype(DType::I64)?.to_vec1::<i64>()?;
         if g.len() != 2 || g.iter().any(|&v| v <= 0) {
-            bail!("{}: `grid` must be [height, width], got {g:?}", path.display());
+            bail!(
+                "{}: `grid` must be [height, width], got {g:?}",
+                path.display()
+            );
         }
         let grid = (g[0] as usize, g[1] as usize);
-        let idx = if idx.rank() == 1 { idx.unsqueeze(0)? } else { idx.clone() };
+        let idx = if idx.rank() == 1 {
+            idx.unsqueeze(0)?
+        } else {
+            idx.clone()
+        };
         if idx.dim(D::Minus1)? != grid.0 * grid.1 {
-            bail!("{}: indices of shape {:?} do not fill the grid {}x{}", path.display(), idx.dims(), grid.0, grid.1);
+            bail!(
+                "{}: indices of shape {:?} do not fill the grid {}x{}",
+                path.display(),
+                idx.dims(),
+                grid.0,
+                grid.1
+            );
         }
         Ok((idx.to_dtype(DType::U32)?, grid))
     }
@@ -278,7 +310,13 @@ pub fn numbered(path: &Path, i: usize, n: usize) -> PathBuf {
     if n <= 1 {
         return path.to_path_buf();
     }
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let ext = path.extension().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = path
+        .extension()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "png".into());
     path.with_file_name(format!("{stem}_{i:03}.{ext}"))
 }

@@ -74,8 +74,9 @@ fn load_parts(config: &ProjectConfig, sd: &StateDict) -> anyhow::Result<Vec<(Str
             parts.push(("first stage".to_string(), r));
         }
         ModelConfig::Transformer(t) => {
-            let (_, r) = taming::model::load_vq(&t.first_stage, &sd.sub("first_stage_model."), DTYPE, &dev)
-                .context("first_stage_model")?;
+            let (_, r) =
+                taming::model::load_vq(&t.first_stage, &sd.sub("first_stage_model."), DTYPE, &dev)
+                    .context("first_stage_model")?;
             parts.push(("first_stage_model".to_string(), r));
             if let CondStageConfig::Vq(c) = &t.cond_stage {
                 let (_, r) = taming::model::load_vq(c, &sd.sub("cond_stage_model."), DTYPE, &dev)
@@ -104,7 +105,11 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
         e.0 += 1;
         e.1 += t.elem_count();
     }
-    println!("  {} tensors, {} values:", sd.len(), groups.values().map(|g| g.1).sum::<usize>());
+    println!(
+        "  {} tensors, {} values:",
+        sd.len(),
+        groups.values().map(|g| g.1).sum::<usize>()
+    );
     for (g, (n, p)) in &groups {
         println!("    {g:<20} {n:>5} tensors {p:>12} values");
     }
@@ -118,7 +123,10 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
                 CondStageConfig::Vq(c) => println!("  cond stage: {}", describe_vq(c)),
                 other => println!("  cond stage: {other:?}"),
             }
-            println!("  permuter: {:?}, cond_stage_key: {}", t.permuter, t.cond_stage_key);
+            println!(
+                "  permuter: {:?}, cond_stage_key: {}",
+                t.permuter, t.cond_stage_key
+            );
         }
     }
     for w in &config.warnings {
@@ -207,7 +215,10 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
 
 fn format_failed(failed: usize, broken: usize) -> String {
     if broken > 0 {
-        format!("{} failed ({broken} fixtures could not be loaded)", failed + broken)
+        format!(
+            "{} failed ({broken} fixtures could not be loaded)",
+            failed + broken
+        )
     } else {
         format!("{failed} failed")
     }

@@ -15,7 +15,11 @@ mod train_cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "taming", version, about = "Taming Transformers (VQGAN + transformer) in Rust")]
+#[command(
+    name = "taming",
+    version,
+    about = "Taming Transformers (VQGAN + transformer) in Rust"
+)]
 struct Cli {
     /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]

@@ -27,12 +27,19 @@ fn register_font() -> anyhow::Result<()> {
 }
 
 pub fn plot(a: PlotArgs) -> anyhow::Result<std::process::ExitCode> {
-    let csv = if a.logdir.is_dir() { a.logdir.join("metrics.csv") } else { a.logdir.clone() };
+    let csv = if a.logdir.is_dir() {
+        a.logdir.join("metrics.csv")
+    } else {
+        a.logdir.clone()
+    };
     let (header, rows) = taming::train::run::read_metrics(&csv)?;
     if rows.is_empty() {
         bail!("{}: no rows yet", csv.display());
     }
-    let step_col = header.iter().position(|h| h == "step").context("metrics.csv has no `step` column")?;
+    let step_col = header
+        .iter()
+        .position(|h| h == "step")
+        .context("metrics.csv has no `step` column")?;
     let mut cols: Vec<usize> = (0..header.len())
         .filter(|&i| i != step_col && header[i] != "epoch")
         .filter(|&i| a.metrics.is_empty() || a.metrics.contains(&header[i]))
@@ -40,7 +47,11 @@ pub fn plot(a: PlotArgs) -> anyhow::Result<std::process::ExitCode> {
         .collect();
     for m in &a.metrics {
         if !header.contains(m) {
-            bail!("{}: no column `{m}` (columns: {})", csv.display(), header.join(", "));
+            bail!(
+                "{}: no column `{m}` (columns: {})",
+                csv.display(),
+                header.join(", ")
+            );
         }
     }
     cols.sort_by_key(|&i| group_of(&header[i]));
@@ -61,7 +72,11 @@ pub fn plot(a: PlotArgs) -> anyhow::Result<std::process::ExitCode> {
     let (w, h) = (1000u32, 320 * panels);
     let tmp = tempfile::Builder::new()
         .suffix(".png")
-        .tempfile_in(out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new(".")))
+        .tempfile_in(
+            out.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new(".")),
+        )
         .with_context(|| format!("cannot write next to {}", out.display()))?;
     {
         let root = BitMapBackend::new(tmp.path(), (w, h)).into_drawing_area();
@@ -72,7 +87,8 @@ pub fn plot(a: PlotArgs) -> anyhow::Result<std::process::ExitCode> {
         }
         root.present()?;
     }
-    tmp.persist(&out).with_context(|| format!("cannot write {}", out.display()))?;
+    tmp.persist(&out)
+        .with_context(|| format!("cannot write {}", out.display()))?;
     println!("wrote {}", out.display());
     Ok(std::process::ExitCode::SUCCESS)
 }
@@ -82,7 +98,12 @@ fn group_of(name: &str) -> u8 {
         1
     } else if name.contains("perplexity") || name.contains("codes_used") {
         2
-    } else if name == "lr" || name == "images_per_s" || name == "grad_norm" || name.contains("d_weight") || name.contains("disc_factor") {
+    } else if name == "lr"
+        || name == "images_per_s"
+        || name == "grad_norm"
+        || name.contains("d_weight")
+        || name.contains("disc_factor")
+    {
         3
     } else {
         0
@@ -100,13 +121,27 @@ fn group_name(name: &str) -> String {
 
 type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
-fn draw_panel(area: &Area, title: &str, cols: &[usize], header: &[String], rows: &[Vec<f64>], step_col: usize) -> anyhow::Result<()> {
+fn draw_panel(
+    area: &Area,
+    title: &str,
+    cols: &[usize],
+    header: &[String],
+    rows: &[Vec<f64>],
+    step_col: usize,
+) -> anyhow::Result<()> {
     let pts = |c: usize| -> Vec<(f64, f64)> {
-        rows.iter().filter(|r| r[c].is_finite()).map(|r| (r[step_col], r[c])).collect()
+        rows.iter()
+            .filter(|r| r[c].is_finite())
+            .map(|r| (r[step_col], r[c]))
+            .collect()
     };
     let all: Vec<(f64, f64)> = cols.iter().flat_map(|&c| pts(c)).collect();
-    let (x0, x1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-    let (y0, y1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let (x0, x1) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (y0, y1) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
     let pad = ((y1 - y0) * 0.05).max(1e-6);
     let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
     let mut chart = ChartBuilder::on(area)
@@ -125,7 +160,9 @@ fn draw_panel(area: &Area, title: &str, cols: &[usize], header: &[String], rows:
         chart
             .draw_series(LineSeries::new(pts(c), color.stroke_width(2)))?
             .label(header[c].clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()

@@ -90,11 +90,18 @@ pub fn parse_size(s: &str) -> anyhow::Result<(usize, usize)> {
     let parts: Vec<&str> = s.split(['x', 'X']).collect();
     match parts.as_slice() {
         [h, w] => Ok((
-            h.trim().parse().with_context(|| format!("--size {s}: height is not a number"))?,
-            w.trim().parse().with_context(|| format!("--size {s}: width is not a number"))?,
+            h.trim()
+                .parse()
+                .with_context(|| format!("--size {s}: height is not a number"))?,
+            w.trim()
+                .parse()
+                .with_context(|| format!("--size {s}: width is not a number"))?,
         )),
         [n] => {
-            let n = n.trim().parse().with_context(|| format!("--size {s}: expected HxW"))?;
+            let n = n
+                .trim()
+                .parse()
+                .with_context(|| format!("--size {s}: expected HxW"))?;
             Ok((n, n))
         }
         _ => bail!("--size {s}: expected HxW, e.g. 256x384"),
@@ -111,7 +118,10 @@ pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
 }
 
 /// Loads a transformer model (config + checkpoint).
-pub fn load_transformer(args: &ModelArgs, dtype: DType) -> anyhow::Result<(Net2NetTransformer, Device)> {
+pub fn load_transformer(
+    args: &ModelArgs,
+    dtype: DType,
+) -> anyhow::Result<(Net2NetTransformer, Device)> {
     let device = args.device()?;
     let (config, sd) = args.load()?;
     let ModelConfig::Transformer(cfg) = &config.model else {
@@ -160,7 +170,12 @@ fn condition(
     if given > 1 {
         bail!("give one condition: --class, --segmentation, --depth, --low-res or --coord");
     }
-    let need = |what: &str| anyhow::anyhow!("this model is conditioned on {}: pass {what}", stage.describe());
+    let need = |what: &str| {
+        anyhow::anyhow!(
+            "this model is conditioned on {}: pass {what}",
+            stage.describe()
+        )
+    };
     Ok(match stage {
         CondStage::Sos { .. } => {
             if given > 0 {
@@ -176,11 +191,19 @@ fn condition(
             Condition::Spatial(coordinate_map(size.0, size.1, device)?)
         }
         CondStage::Vq(m) if m.kind() == VqModelKind::Segmentation => {
-            let path = a.segmentation.as_ref().ok_or_else(|| need("--segmentation PNG"))?;
+            let path = a
+                .segmentation
+                .as_ref()
+                .ok_or_else(|| need("--segmentation PNG"))?;
             let labels = image_io::load_labels(path)?;
             let labels = image_io::fit(&labels, h, w, Interpolation::Nearest)?;
-            let shift = if a.coco_shift { LabelShift::CocoPlusOne } else { LabelShift::None };
-            let (_, onehot) = image_io::labels_to_onehot(&labels, m.in_channels(), shift, path, device)?;
+            let shift = if a.coco_shift {
+                LabelShift::CocoPlusOne
+            } else {
+                LabelShift::None
+            };
+            let (_, onehot) =
+                image_io::labels_to_onehot(&labels, m.in_channels(), shift, path, device)?;
             Condition::Spatial(onehot)
         }
         CondStage::Vq(m) if m.in_channels() == 1 => {
@@ -197,7 +220,9 @@ fn condition(
 
 /// A picture of the condition for condition.png, if it has one.
 fn condition_picture(model: &Net2NetTransformer, c: &Condition) -> anyhow::Result<Option<Tensor>> {
-    let Condition::Spatial(t) = c else { return Ok(None) };
+    let Condition::Spatial(t) = c else {
+        return Ok(None);
+    };
     Ok(Some(match model.cond_stage() {
         CondStage::Vq(m) if m.kind() == VqModelKind::Segmentation => m.to_rgb(t)?,
         // coordinates lie in [0, 1]; depth maps and images in [-1, 1]
@@ -240,7 +265,12 @@ pub fn sample(a: SampleArgs) -> anyhow::Result<ExitCode> {
     let cond = condition(&a, &model, size, &device)?;
     let complete = match &a.complete {
         Some(path) => {
-            let img = image_io::fit(&image_io::load_rgb(path)?, size.0 as u32, size.1 as u32, Interpolation::Bicubic)?;
+            let img = image_io::fit(
+                &image_io::load_rgb(path)?,
+                size.0 as u32,
+                size.1 as u32,
+                Interpolation::Bicubic,
+            )?;
             let keep = match (&a.keep_mask, a.keep_rows) {
                 (Some(_), Some(_)) => bail!("give --keep-rows or --keep-mask, not both"),
                 (Some(m), None) => Keep::Mask(keep_mask(m, size, grid)?),
@@ -320,7 +350,8 @@ pub fn sample(a: SampleArgs) -> anyhow::Result<ExitCode> {
         return Err(e.context("cannot decode an animation frame"));
     }
     let images = out.images.context("sampling returned no images")?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
     let mut written = Vec::new();
     for i in 0..images.dim(0)? {
         let p = a.out.join(format!("sample_{i:03}.png"));
@@ -367,7 +398,8 @@ fn write_gif(frames: &[image::RgbImage], path: &Path) -> anyhow::Result<()> {
         for (i, f) in frames.iter().enumerate() {
             let rgba = image::DynamicImage::ImageRgb8(f.clone()).to_rgba8();
             let delay = if i + 1 == n { 1500 } else { 80 };
-            let frame = image::Frame::from_parts(rgba, 0, 0, image::Delay::from_numer_denom_ms(delay, 1));
+            let frame =
+                image::Frame::from_parts(rgba, 0, 0, image::Delay::from_numer_denom_ms(delay, 1));
             enc.encode_frame(frame)?;
         }
     }

@@ -90,7 +90,11 @@ pub fn train(a: TrainArgs) -> anyhow::Result<std::process::ExitCode> {
             let config = ProjectConfig::from_files(&files, &a.overrides)?;
             let last = run.last_checkpoint();
             if !last.is_file() {
-                bail!("cannot resume {}: {} is missing", dir.display(), last.display());
+                bail!(
+                    "cannot resume {}: {} is missing",
+                    dir.display(),
+                    last.display()
+                );
             }
             (run, config, Some(last))
         }
@@ -100,7 +104,10 @@ pub fn train(a: TrainArgs) -> anyhow::Result<std::process::ExitCode> {
             }
             let config = ProjectConfig::from_files(&a.base, &a.overrides)?;
             let name = a.name.clone().unwrap_or_else(|| {
-                a.base[0].file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+                a.base[0]
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
             });
             let run = RunDir::create(&a.logdir, &name, &config.to_yaml())?;
             (run, config, None)
@@ -120,7 +127,8 @@ pub fn train(a: TrainArgs) -> anyhow::Result<std::process::ExitCode> {
     let train_src = taming::data::LoaderSource::new(train_loader, device.clone());
     let val_src = val_loader.map(|l| taming::data::LoaderSource::new(l, device.clone()));
     // schedule, as the reference reads it from the lightning section
-    let accumulate = lookup_u64(raw, &["lightning", "trainer", "accumulate_grad_batches"])?.unwrap_or(1);
+    let accumulate =
+        lookup_u64(raw, &["lightning", "trainer", "accumulate_grad_batches"])?.unwrap_or(1);
     if accumulate != 1 {
         bail!("lightning.trainer.accumulate_grad_batches = {accumulate}: only 1 is supported; raise the batch size instead");
     }
@@ -132,30 +140,82 @@ pub fn train(a: TrainArgs) -> anyhow::Result<std::process::ExitCode> {
         "Setting learning rate to {lr:.2e} = {accumulate} (accumulate_grad_batches) * 1 (num_gpus) * {batch_size} (batchsize) * {base_lr:.2e} (base_lr)"
     );
     let opts = FitOptions {
-        max_steps: a.max_steps.or(lookup_u64(raw, &["lightning", "trainer", "max_steps"])?),
-        max_epochs: a.max_epochs.or(lookup_u64(raw, &["lightning", "trainer", "max_epochs"])?),
+        max_steps: a
+            .max_steps
+            .or(lookup_u64(raw, &["lightning", "trainer", "max_steps"])?),
+        max_epochs: a
+            .max_epochs
+            .or(lookup_u64(raw, &["lightning", "trainer", "max_epochs"])?),
         log_every: a.log_every.max(1),
         image_every: a
             .image_every
-            .or(lookup_u64(raw, &["lightning", "callbacks", "image_logger", "params", "batch_frequency"])?)
+            .or(lookup_u64(
+                raw,
+                &[
+                    "lightning",
+                    "callbacks",
+                    "image_logger",
+                    "params",
+                    "batch_frequency",
+                ],
+            )?)
             .unwrap_or(750),
-        max_images: lookup_u64(raw, &["lightning", "callbacks", "image_logger", "params", "max_images"])?.unwrap_or(4)
-            as usize,
+        max_images: lookup_u64(
+            raw,
+            &[
+                "lightning",
+                "callbacks",
+                "image_logger",
+                "params",
+                "max_images",
+            ],
+        )?
+        .unwrap_or(4) as usize,
         save_every: a
             .save_every
-            .or(lookup_u64(raw, &["lightning", "modelcheckpoint", "params", "every_n_train_steps"])?)
+            .or(lookup_u64(
+                raw,
+                &[
+                    "lightning",
+                    "modelcheckpoint",
+                    "params",
+                    "every_n_train_steps",
+                ],
+            )?)
             .unwrap_or(1000),
         validate_every_epochs: 1,
     };
     if opts.max_steps.is_none() && opts.max_epochs.is_none() {
         bail!("no limit: pass --max-steps or --max-epochs (or set lightning.trainer.max_steps / max_epochs)");
     }
-    let init = a.init.as_ref().map(taming::checkpoint::StateDict::load).transpose()?;
+    let init = a
+        .init
+        .as_ref()
+        .map(taming::checkpoint::StateDict::load)
+        .transpose()?;
     let mut trainer: Box<dyn train::Trainer> = match &config.model {
-        ModelConfig::Vq(cfg) => Box::new(train::vqgan::VqganTrainer::new(cfg, init.as_ref(), a.lpips.as_deref(), lr, seed, opts.max_images, &device)?),
-        ModelConfig::Transformer(cfg) => Box::new(train::gpt::GptTrainer::new(cfg, init.as_ref(), lr, seed, opts.max_images, &device)?),
+        ModelConfig::Vq(cfg) => Box::new(train::vqgan::VqganTrainer::new(
+            cfg,
+            init.as_ref(),
+            a.lpips.as_deref(),
+            lr,
+            seed,
+            opts.max_images,
+            &device,
+        )?),
+        ModelConfig::Transformer(cfg) => Box::new(train::gpt::GptTrainer::new(
+            cfg,
+            init.as_ref(),
+            lr,
+            seed,
+            opts.max_images,
+            &device,
+        )?),
     };
-    let mut state = TrainState { seed, ..Default::default() };
+    let mut state = TrainState {
+        seed,
+        ..Default::default()
+    };
     if let Some(ck) = &resume_from {
         let (sd, st) = train::run::load_checkpoint(ck)?;
         if st.seed != seed {
@@ -163,7 +223,13 @@ pub fn train(a: TrainArgs) -> anyhow::Result<std::process::ExitCode> {
         }
         trainer.load_state(&sd)?;
         state = st;
-        println!("resumed {} at step {} (epoch {}, batch {})", run.root.display(), state.global_step, state.epoch, state.batch_in_epoch);
+        println!(
+            "resumed {} at step {} (epoch {}, batch {})",
+            run.root.display(),
+            state.global_step,
+            state.epoch,
+            state.batch_in_epoch
+        );
     }
     println!("run directory: {}", run.root.display());
     // Ctrl-C: stop after the current step and save `last`; a second Ctrl-C quits at once
@@ -186,13 +252,21 @@ pub fn train(a: TrainArgs) -> anyhow::Result<std::process::ExitCode> {
     };
     let bar = ProgressBar::new(total);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:25}] {msg} [{elapsed_precise}, ETA {eta_precise}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} step {pos}/{len} [{bar:25}] {msg} [{elapsed_precise}, ETA {eta_precise}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     bar.set_position(state.global_step);
     let mut on_event = |e: FitEvent| match e {
-        FitEvent::Step { step, metrics, images_per_s, epoch, .. } => {
+        FitEvent::Step {
+            step,
+            metrics,
+            images_per_s,
+            epoch,
+            ..
+        } => {
             bar.set_position(step);
             let shown: Vec<String> = metrics
                 .iter()
@@ -200,7 +274,10 @@ pub fn train(a: TrainArgs) -> anyhow::Result<std::process::ExitCode> {
                 .take(4)
                 .map(|(k, v)| format!("{}={v:.4}", k.rsplit('/').next().unwrap_or(k)))
                 .collect();
-            bar.set_message(format!("ep {epoch} {} {images_per_s:.1} img/s", shown.join(" ")));
+            bar.set_message(format!(
+                "ep {epoch} {} {images_per_s:.1} img/s",
+                shown.join(" ")
+            ));
         }
         FitEvent::Validation { step, metrics } => {
             let shown: Vec<String> = metrics.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
@@ -210,7 +287,16 @@ pub fn train(a: TrainArgs) -> anyhow::Result<std::process::ExitCode> {
         FitEvent::Images { step, paths } => tracing::debug!("step {step}: {} images", paths.len()),
     };
     let val_ref = val_src.as_ref().map(|v| v as &dyn train::BatchSource);
-    let end = train::fit(trainer.as_mut(), &train_src, val_ref, &run, &opts, &mut state, &stop, &mut on_event)?;
+    let end = train::fit(
+        trainer.as_mut(),
+        &train_src,
+        val_ref,
+        &run,
+        &opts,
+        &mut state,
+        &stop,
+        &mut on_event,
+    )?;
     bar.finish_and_clear();
     let skipped = train_src.skipped();
     if skipped > 0 {
@@ -218,9 +304,17 @@ pub fn train(a: TrainArgs) -> anyhow::Result<std::process::ExitCode> {
     }
     println!(
         "{} at step {}: {}",
-        if end == FitEnd::Interrupted { "interrupted" } else { "finished" },
+        if end == FitEnd::Interrupted {
+            "interrupted"
+        } else {
+            "finished"
+        },
         state.global_step,
         run.last_checkpoint().display()
     );
-    Ok(if end == FitEnd::Interrupted { std::process::ExitCode::from(130) } else { std::process::ExitCode::SUCCESS })
+    Ok(if end == FitEnd::Interrupted {
+        std::process::ExitCode::from(130)
+    } else {
+        std::process::ExitCode::SUCCESS
+    })
 }

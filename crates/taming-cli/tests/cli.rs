@@ -28,7 +28,11 @@ fn taming(args: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn model_args(dir: &Path) -> Vec<String> {
@@ -47,7 +51,9 @@ fn run(args: Vec<String>) -> Output {
 
 #[test]
 fn verify_prints_one_line_per_tensor_and_a_total() {
-    let Some(dir) = shared("fixtures/vqgan_f4_64") else { return };
+    let Some(dir) = shared("fixtures/vqgan_f4_64") else {
+        return;
+    };
     let o = taming(&["verify", dir.to_str().unwrap()]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
@@ -58,23 +64,38 @@ fn verify_prints_one_line_per_tensor_and_a_total() {
 #[test]
 fn verify_fails_on_a_fixture_it_cannot_load() {
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("config.yaml"), "model:\n  target: nowhere.Model\n").unwrap();
+    std::fs::write(
+        tmp.path().join("config.yaml"),
+        "model:\n  target: nowhere.Model\n",
+    )
+    .unwrap();
     let o = taming(&["verify", tmp.path().to_str().unwrap()]);
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
-    assert!(t.contains("nowhere.Model") && t.contains("0 passed, 1 failed"), "{t}");
+    assert!(
+        t.contains("nowhere.Model") && t.contains("0 passed, 1 failed"),
+        "{t}"
+    );
     assert!(!t.contains("panicked"), "{t}");
 }
 
 #[test]
 fn reconstruct_rejects_a_size_the_model_cannot_take() {
-    let Some(dir) = shared("fixtures/vqgan_f4_64") else { return };
+    let Some(dir) = shared("fixtures/vqgan_f4_64") else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let img = tmp.path().join("odd.png");
-    image::RgbImage::from_pixel(30, 22, image::Rgb([10, 200, 30])).save(&img).unwrap();
+    image::RgbImage::from_pixel(30, 22, image::Rgb([10, 200, 30]))
+        .save(&img)
+        .unwrap();
     let mut args = vec!["reconstruct".to_string()];
     args.extend(model_args(&dir));
-    args.extend([img.display().to_string(), "-o".into(), tmp.path().join("rec.png").display().to_string()]);
+    args.extend([
+        img.display().to_string(),
+        "-o".into(),
+        tmp.path().join("rec.png").display().to_string(),
+    ]);
     let o = run(args);
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
@@ -85,17 +106,39 @@ fn reconstruct_rejects_a_size_the_model_cannot_take() {
 
 #[test]
 fn encode_then_decode_equals_reconstruct() {
-    let Some(dir) = shared("fixtures/vqgan_f4_64") else { return };
+    let Some(dir) = shared("fixtures/vqgan_f4_64") else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let img = tmp.path().join("in.png");
-    image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 128])).save(&img).unwrap();
+    image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, 128])
+    })
+    .save(&img)
+    .unwrap();
     let p = |n: &str| tmp.path().join(n).display().to_string();
     for (cmd, extra) in [
-        ("reconstruct", vec![img.display().to_string(), "-o".into(), p("rec.png")]),
-        ("encode", vec![img.display().to_string(), "-o".into(), p("codes.json")]),
+        (
+            "reconstruct",
+            vec![img.display().to_string(), "-o".into(), p("rec.png")],
+        ),
+        (
+            "encode",
+            vec![img.display().to_string(), "-o".into(), p("codes.json")],
+        ),
         ("decode", vec![p("codes.json"), "-o".into(), p("dec.png")]),
-        ("encode", vec![img.display().to_string(), "-o".into(), p("codes.safetensors")]),
-        ("decode", vec![p("codes.safetensors"), "-o".into(), p("dec2.png")]),
+        (
+            "encode",
+            vec![
+                img.display().to_string(),
+                "-o".into(),
+                p("codes.safetensors"),
+            ],
+        ),
+        (
+            "decode",
+            vec![p("codes.safetensors"), "-o".into(), p("dec2.png")],
+        ),
     ] {
         let mut args = vec![cmd.to_string()];
         args.extend(model_args(&dir));
@@ -112,23 +155,37 @@ fn encode_then_decode_equals_reconstruct() {
     for other in ["dec.png", "dec2.png"] {
         let dec = image::open(p(other)).unwrap().to_rgb8();
         assert_eq!(rec.dimensions(), dec.dimensions());
-        let worst = rec.as_raw().iter().zip(dec.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        let worst = rec
+            .as_raw()
+            .iter()
+            .zip(dec.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
         assert!(worst <= 1, "{other} differs from rec.png by {worst} levels");
     }
-    let codes: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p("codes.json")).unwrap()).unwrap();
+    let codes: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("codes.json")).unwrap()).unwrap();
     assert_eq!(codes["grid"], serde_json::json!([16, 16]));
 }
 
 #[test]
 fn sample_is_reproducible_and_writes_pngs() {
-    let Some(dir) = shared("fixtures/transformer_class") else { return };
+    let Some(dir) = shared("fixtures/transformer_class") else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let mut outs = Vec::new();
     for (i, seed) in ["4", "4", "5"].iter().enumerate() {
         let out = tmp.path().join(format!("run{i}"));
         let mut args = vec!["sample".to_string()];
         args.extend(model_args(&dir));
-        args.extend(["--class", "2", "--seed", seed, "--batch", "2", "--top-k", "40", "--out"].map(String::from));
+        args.extend(
+            [
+                "--class", "2", "--seed", seed, "--batch", "2", "--top-k", "40", "--out",
+            ]
+            .map(String::from),
+        );
         args.push(out.display().to_string());
         let o = run(args);
         assert!(o.status.success(), "{}", text(&o));
@@ -141,23 +198,67 @@ fn sample_is_reproducible_and_writes_pngs() {
 
 #[test]
 fn sample_errors_name_the_problem() {
-    let Some(seg) = shared("fixtures/transformer_seg") else { return };
-    let Some(class) = shared("fixtures/transformer_class") else { return };
+    let Some(seg) = shared("fixtures/transformer_seg") else {
+        return;
+    };
+    let Some(class) = shared("fixtures/transformer_class") else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let labels = tmp.path().join("labels.png");
-    image::GrayImage::from_fn(32, 32, |x, _| image::Luma([if x > 20 { 12 } else { 1 }])).save(&labels).unwrap();
+    image::GrayImage::from_fn(32, 32, |x, _| image::Luma([if x > 20 { 12 } else { 1 }]))
+        .save(&labels)
+        .unwrap();
     let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
         (
-            [model_args(&seg), vec!["--segmentation".into(), labels.display().to_string()]].concat(),
+            [
+                model_args(&seg),
+                vec!["--segmentation".into(), labels.display().to_string()],
+            ]
+            .concat(),
             vec!["labels.png", "label 12", "n_labels = 8"],
         ),
-        ([model_args(&seg), vec![]].concat(), vec!["--segmentation PNG"]),
-        ([model_args(&class), vec!["--class".into(), "10".into()]].concat(), vec!["class id 10", "10 classes"]),
-        ([model_args(&class), vec!["--class".into(), "1".into(), "--size".into(), "30x32".into()]].concat(), vec!["30x32", "factor 4"]),
-        ([model_args(&class), vec!["--class".into(), "1".into(), "--size".into(), "16x64".into()]].concat(), vec!["sliding window"]),
+        (
+            [model_args(&seg), vec![]].concat(),
+            vec!["--segmentation PNG"],
+        ),
+        (
+            [model_args(&class), vec!["--class".into(), "10".into()]].concat(),
+            vec!["class id 10", "10 classes"],
+        ),
+        (
+            [
+                model_args(&class),
+                vec![
+                    "--class".into(),
+                    "1".into(),
+                    "--size".into(),
+                    "30x32".into(),
+                ],
+            ]
+            .concat(),
+            vec!["30x32", "factor 4"],
+        ),
+        (
+            [
+                model_args(&class),
+                vec![
+                    "--class".into(),
+                    "1".into(),
+                    "--size".into(),
+                    "16x64".into(),
+                ],
+            ]
+            .concat(),
+            vec!["sliding window"],
+        ),
     ];
     for (extra, needles) in cases {
-        let mut args = vec!["sample".to_string(), "--out".into(), tmp.path().join("o").display().to_string()];
+        let mut args = vec![
+            "sample".to_string(),
+            "--out".into(),
+            tmp.path().join("o").display().to_string(),
+        ];
         args.extend(extra);
         let o = run(args);
         let t = text(&o);
@@ -172,12 +273,18 @@ fn sample_errors_name_the_problem() {
 
 #[test]
 fn convert_and_inspect() {
-    let Some(dir) = shared("fixtures/vqgan_f4") else { return };
+    let Some(dir) = shared("fixtures/vqgan_f4") else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("conv");
     let mut args = vec!["convert".to_string()];
     args.extend(model_args(&dir));
-    args.extend(["-o".to_string(), out.display().to_string(), "--inference-only".into()]);
+    args.extend([
+        "-o".to_string(),
+        out.display().to_string(),
+        "--inference-only".into(),
+    ]);
     let o = run(args);
     assert!(o.status.success(), "{}", text(&o));
     assert!(out.join("model.safetensors").exists() && out.join("config.yaml").exists());
@@ -190,11 +297,20 @@ fn convert_and_inspect() {
     ]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
-    assert!(t.contains("64 codes of dim 8") && t.contains("0 unread"), "{t}");
-    assert!(!t.contains("loss"), "inference-only conversion drops loss.*: {t}");
+    assert!(
+        t.contains("64 codes of dim 8") && t.contains("0 unread"),
+        "{t}"
+    );
+    assert!(
+        !t.contains("loss"),
+        "inference-only conversion drops loss.*: {t}"
+    );
     // the original: loss.* keys are listed as skipped, not as unread
     let mut args = vec!["inspect".to_string()];
     args.extend(model_args(&dir));
     let t = text(&run(args));
-    assert!(t.contains("training-only skipped") && t.contains("0 unread"), "{t}");
+    assert!(
+        t.contains("training-only skipped") && t.contains("0 unread"),
+        "{t}"
+    );
 }

@@ -42,10 +42,17 @@ impl CondStage {
     pub fn describe(&self) -> String {
         match self {
             CondStage::FirstStage => "first stage (image-conditioned)".into(),
-            CondStage::Vq(m) => format!("{:?} VQ model, {} input channels", m.kind(), m.in_channels()),
+            CondStage::Vq(m) => format!(
+                "{:?} VQ model, {} input channels",
+                m.kind(),
+                m.in_channels()
+            ),
             CondStage::Sos { token } => format!("unconditional (SOS token {token})"),
             CondStage::Labelator { n_classes } => format!("class label ({n_classes} classes)"),
-            CondStage::Coord { n_embed, down_factor } => {
+            CondStage::Coord {
+                n_embed,
+                down_factor,
+            } => {
                 format!("coordinates ({n_embed} levels, downsampled by {down_factor})")
             }
         }
@@ -53,7 +60,10 @@ impl CondStage {
 
     /// Whether the condition is a spatial input (an image-like tensor) rather than a class id or nothing.
     pub fn is_spatial(&self) -> bool {
-        matches!(self, CondStage::FirstStage | CondStage::Vq(_) | CondStage::Coord { .. })
+        matches!(
+            self,
+            CondStage::FirstStage | CondStage::Vq(_) | CondStage::Coord { .. }
+        )
     }
 
     /// `encode_to_c` without resizing: `c` is (B, C, H, W) for spatial stages, (B,) class ids for
@@ -97,7 +107,10 @@ impl CondStage {
                     grid: None,
                 })
             }
-            CondStage::Coord { n_embed, down_factor } => coord_tokens(c, *n_embed, *down_factor),
+            CondStage::Coord {
+                n_embed,
+                down_factor,
+            } => coord_tokens(c, *n_embed, *down_factor),
         }
     }
 }

@@ -53,33 +53,60 @@ impl Net2NetTransformer {
     ) -> Result<(Self, LoadReport)> {
         let (vb, usage) = sd.var_builder(DType::F32, device);
         let first_stage = VqModel::new(&cfg.first_stage, vb.pp("first_stage_model"))?;
-        let mut ignored = vec!["first_stage_model.loss.", "cond_stage_model.loss.", "permuter.", "optimizer_states."];
+        let mut ignored = vec![
+            "first_stage_model.loss.",
+            "cond_stage_model.loss.",
+            "permuter.",
+            "optimizer_states.",
+        ];
         let cond_stage = match &cfg.cond_stage {
             CondStageConfig::FirstStage => {
                 // the reference registers the same module twice: cond_stage_model.* duplicates first_stage_model.*
                 ignored.push("cond_stage_model.");
                 CondStage::FirstStage
             }
-            CondStageConfig::Unconditional => CondStage::Sos { token: cfg.sos_token },
+            CondStageConfig::Unconditional => CondStage::Sos {
+                token: cfg.sos_token,
+            },
             CondStageConfig::Sos { sos_token } => CondStage::Sos { token: *sos_token },
-            CondStageConfig::Vq(c) => CondStage::Vq(Box::new(VqModel::new(c, vb.pp("cond_stage_model"))?)),
-            CondStageConfig::Labelator { n_classes } => CondStage::Labelator { n_classes: *n_classes },
-            CondStageConfig::Coord { n_embed, down_factor } => CondStage::Coord {
+            CondStageConfig::Vq(c) => {
+                CondStage::Vq(Box::new(VqModel::new(c, vb.pp("cond_stage_model"))?))
+            }
+            CondStageConfig::Labelator { n_classes } => CondStage::Labelator {
+                n_classes: *n_classes,
+            },
+            CondStageConfig::Coord {
+                n_embed,
+                down_factor,
+            } => CondStage::Coord {
                 n_embed: *n_embed,
                 down_factor: *down_factor,
             },
         };
         let cond_stage = if cfg.unconditional {
-            CondStage::Sos { token: cfg.sos_token }
+            CondStage::Sos {
+                token: cfg.sos_token,
+            }
         } else {
             cond_stage
         };
         let (gvb, gusage) = sd.var_builder(gpt_dtype, device);
         let gpt = Gpt::new(&cfg.transformer, gvb.pp("transformer"))?;
-        let permuter = match (sd.get("permuter.forward_shuffle_idx"), sd.get("permuter.backward_shuffle_idx")) {
+        let permuter = match (
+            sd.get("permuter.forward_shuffle_idx"),
+            sd.get("permuter.backward_shuffle_idx"),
+        ) {
             (Some(f), Some(b)) => Permuter::from_indices(
-                f.to_dtype(DType::I64)?.to_vec1::<i64>()?.into_iter().map(|v| v as u32).collect(),
-                b.to_dtype(DType::I64)?.to_vec1::<i64>()?.into_iter().map(|v| v as u32).collect(),
+                f.to_dtype(DType::I64)?
+                    .to_vec1::<i64>()?
+                    .into_iter()
+                    .map(|v| v as u32)
+                    .collect(),
+                b.to_dtype(DType::I64)?
+                    .to_vec1::<i64>()?
+                    .into_iter()
+                    .map(|v| v as u32)
+                    .collect(),
             )?,
             _ => Permuter::from_config(&cfg.permuter)?,
         };
@@ -182,7 +209,13 @@ impl Net2NetTransformer {
     pub fn logits(&self, c_indices: &Tensor, z_indices: &Tensor) -> Result<Tensor> {
         let nc = c_indices.dim(1)?;
         let n = z_indices.dim(1)?;
-        let cz = Tensor::cat(&[&c_indices.to_dtype(DType::U32)?, &z_indices.to_dtype(DType::U32)?], 1)?; // (B, nc+n)
+        let cz = Tensor::cat(
+            &[
+                &c_indices.to_dtype(DType::U32)?,
+                &z_indices.to_dtype(DType::U32)?,
+            ],
+            1,
+        )?; // (B, nc+n)
         let input = cz.narrow(1, 0, nc + n - 1)?; // (B, nc+n-1)
         let logits = self.gpt.forward(&input, None)?; // (B, nc+n-1, V)
         Ok(logits.narrow(1, nc - 1, n)?) // (B, n, V)

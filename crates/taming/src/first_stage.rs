@@ -85,7 +85,12 @@ impl Encoder {
         let mut down = Vec::with_capacity(n_levels);
         for (i_level, &mult) in cfg.ch_mult.iter().enumerate() {
             let vbl = vb.pp("down").pp(i_level);
-            block_in = cfg.ch * if i_level == 0 { 1 } else { cfg.ch_mult[i_level - 1] };
+            block_in = cfg.ch
+                * if i_level == 0 {
+                    1
+                } else {
+                    cfg.ch_mult[i_level - 1]
+                };
             let block_out = cfg.ch * mult;
             let mut blocks = Vec::new();
             let mut attns = Vec::new();
@@ -312,7 +317,10 @@ impl VqModel {
         let encoder = Encoder::new(dd, vb.pp("encoder"))?;
         let decoder = Decoder::new(dd, vb.pp("decoder"))?;
         let remap = match &cfg.remap {
-            Some(path) => Some(Remap::from_npy(std::path::Path::new(path), cfg.unknown_index)?),
+            Some(path) => Some(Remap::from_npy(
+                std::path::Path::new(path),
+                cfg.unknown_index,
+            )?),
             None => None,
         };
         let placement = if cfg.legacy_beta {
@@ -506,15 +514,27 @@ impl VqModel {
 
     /// [`VqModel::forward_train`] with a Gumbel quantizer's training draw (temperature, noise
     /// seed); `None` quantizes as at inference.
-    pub fn forward_train_with(&self, x: &Tensor, gumbel: Option<(f64, u64)>) -> Result<TrainForward> {
+    pub fn forward_train_with(
+        &self,
+        x: &Tensor,
+        gumbel: Option<(f64, u64)>,
+    ) -> Result<TrainForward> {
         let prequant = self.encode_to_prequant(x)?; // (B, embed_dim, h, w)
         let q = match (&self.quantize, gumbel) {
-            (Quantizer::Gumbel(g), Some((temperature, seed))) => g.forward_train(&prequant, temperature, seed)?,
+            (Quantizer::Gumbel(g), Some((temperature, seed))) => {
+                g.forward_train(&prequant, temperature, seed)?
+            }
             _ => self.quantize.forward(&prequant)?,
         };
         let h = conv(&self.post_quant_conv, &q.quant)?; // (B, z_channels, h, w)
         let (reconstruction, last_layer_input) = self.decoder.forward_with_last_input(&h)?;
-        Ok(TrainForward { reconstruction, qloss: q.loss, indices: q.indices, last_layer_input, prequant })
+        Ok(TrainForward {
+            reconstruction,
+            qloss: q.loss,
+            indices: q.indices,
+            last_layer_input,
+            prequant,
+        })
     }
 
     /// `to_rgb`: the segmentation model's fixed random projection of label channels to RGB,

@@ -131,7 +131,9 @@ where
 {
     let (iw, ih) = img.dimensions();
     if iw == 0 || ih == 0 || h == 0 || w == 0 {
-        return Err(Error::invalid(format!("cannot fit a {iw}x{ih} image to {w}x{h}")));
+        return Err(Error::invalid(format!(
+            "cannot fit a {iw}x{ih} image to {w}x{h}"
+        )));
     }
     let scale = (h as f64 / ih as f64).max(w as f64 / iw as f64);
     let nw = ((iw as f64 * scale).round() as u32).max(w);
@@ -154,7 +156,11 @@ pub fn rescale_center_crop(img: &RgbImage, size: u32) -> Result<RgbImage> {
 /// RGB bytes to a (1, 3, H, W) tensor in [-1, 1] (`x / 127.5 - 1`).
 pub fn rgb_to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
     let (w, h) = img.dimensions();
-    let data: Vec<f32> = img.as_raw().iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
+    let data: Vec<f32> = img
+        .as_raw()
+        .iter()
+        .map(|&v| v as f32 / 127.5 - 1.0)
+        .collect();
     let t = Tensor::from_vec(data, (h as usize, w as usize, 3), device)?; // (H, W, 3)
     Ok(t.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()?) // (1, 3, H, W)
 }
@@ -170,7 +176,11 @@ pub fn tensor_to_rgb(t: &Tensor) -> Result<RgbImage> {
         c if c > 3 => t.narrow(0, 0, 3)?,
         _ => t.narrow(0, 0, 1)?.repeat((3, 1, 1))?,
     };
-    let hwc = t.permute((1, 2, 0))?.contiguous()?.flatten_all()?.to_vec1::<f32>()?; // (H*W*3)
+    let hwc = t
+        .permute((1, 2, 0))?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1::<f32>()?; // (H*W*3)
     let bytes: Vec<u8> = hwc
         .iter()
         .map(|&v| ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8)
@@ -207,7 +217,8 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let result = write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    let result =
+        write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -267,8 +278,7 @@ pub fn load_labels(path: &Path) -> Result<GrayImage> {
             let rgb = other.to_rgb8();
             let (w, h) = rgb.dimensions();
             let data = rgb.pixels().map(|p| p.0[0]).collect();
-            GrayImage::from_raw(w, h, data)
-                .ok_or_else(|| image_err(path, "cannot read labels"))?
+            GrayImage::from_raw(w, h, data).ok_or_else(|| image_err(path, "cannot read labels"))?
         }
     })
 }
@@ -370,8 +380,9 @@ pub fn load_depth(path: &Path, size: Option<u32>, device: &Device) -> Result<Ten
     let (vals, mut h, mut w) = load_depth_raw(path)?;
     let mut unit = unit_range(&vals); // [0, 1]
     if let Some(s) = size {
-        let buf = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(w as u32, h as u32, unit)
-            .ok_or_else(|| image_err(path, "depth map size mismatch"))?;
+        let buf =
+            image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(w as u32, h as u32, unit)
+                .ok_or_else(|| image_err(path, "depth map size mismatch"))?;
         let r = resize_smallest_side(&buf, s, Interpolation::Bilinear);
         let (rw, rh) = r.dimensions();
         let c = crop(&r, center_crop_origin(rw, rh, s, s), s, s)?;
@@ -386,11 +397,19 @@ pub fn load_depth(path: &Path, size: Option<u32>, device: &Device) -> Result<Ten
 /// and center-cropped to exactly that size (bilinear; see [`load_depth`] for the order).
 pub fn load_depth_fit(path: &Path, h: u32, w: u32, device: &Device) -> Result<Tensor> {
     let (vals, dh, dw) = load_depth_raw(path)?;
-    let buf = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(dw as u32, dh as u32, unit_range(&vals))
-        .ok_or_else(|| image_err(path, "depth map size mismatch"))?;
+    let buf = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(
+        dw as u32,
+        dh as u32,
+        unit_range(&vals),
+    )
+    .ok_or_else(|| image_err(path, "depth map size mismatch"))?;
     let buf = fit(&buf, h, w, Interpolation::Bilinear)?;
     let norm: Vec<f32> = buf.into_raw().iter().map(|v| 2.0 * v - 1.0).collect();
-    Ok(Tensor::from_vec(norm, (1, 1, h as usize, w as usize), device)?)
+    Ok(Tensor::from_vec(
+        norm,
+        (1, 1, h as usize, w as usize),
+        device,
+    )?)
 }
 
 /// `(v - min) / max(max - min, 1e-8)`: raw depth values to [0, 1].
@@ -406,7 +425,10 @@ pub fn normalize_depth(vals: Vec<f32>, h: usize, w: usize, device: &Device) -> R
     let min = vals.iter().cloned().fold(f32::INFINITY, f32::min);
     let max = vals.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let range = (max - min).max(1e-8);
-    let norm: Vec<f32> = vals.iter().map(|v| 2.0 * ((v - min) / range) - 1.0).collect();
+    let norm: Vec<f32> = vals
+        .iter()
+        .map(|v| 2.0 * ((v - min) / range) - 1.0)
+        .collect();
     Ok(Tensor::from_vec(norm, (1, 1, h, w), device)?)
 }
 
@@ -457,15 +479,22 @@ mod tests {
 
     #[test]
     fn onehot_and_label_errors() -> anyhow::Result<()> {
-        let labels = GrayImage::from_raw(2, 1, vec![1, 255]).ok_or_else(|| anyhow::anyhow!("img"))?;
+        let labels =
+            GrayImage::from_raw(2, 1, vec![1, 255]).ok_or_else(|| anyhow::anyhow!("img"))?;
         let p = Path::new("seg.png");
         let err = labels_to_onehot(&labels, 3, LabelShift::None, p, &Device::Cpu).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("seg.png") && msg.contains("label 255") && msg.contains("n_labels = 3"), "{msg}");
+        assert!(
+            msg.contains("seg.png") && msg.contains("label 255") && msg.contains("n_labels = 3"),
+            "{msg}"
+        );
         // COCO shift: 255 wraps to 0, 1 -> 2
         let (ids, oh) = labels_to_onehot(&labels, 3, LabelShift::CocoPlusOne, p, &Device::Cpu)?;
         assert_eq!(ids.flatten_all()?.to_vec1::<u32>()?, vec![2, 0]);
-        assert_eq!(oh.flatten_all()?.to_vec1::<f32>()?, vec![0., 1., 0., 0., 1., 0.]);
+        assert_eq!(
+            oh.flatten_all()?.to_vec1::<f32>()?,
+            vec![0., 1., 0., 0., 1., 0.]
+        );
         Ok(())
     }
 }

@@ -27,7 +27,12 @@ pub struct Padding {
 impl Padding {
     /// The same padding on every side (`torch.nn.Conv2d(padding=p)`).
     pub fn same(p: usize) -> Self {
-        Self { top: p, bottom: p, left: p, right: p }
+        Self {
+            top: p,
+            bottom: p,
+            left: p,
+            right: p,
+        }
     }
 }
 
@@ -47,7 +52,13 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn new(dims: &[usize], kh: usize, kw: usize, stride: usize, pad: Padding) -> candle_core::Result<Self> {
+    fn new(
+        dims: &[usize],
+        kh: usize,
+        kw: usize,
+        stride: usize,
+        pad: Padding,
+    ) -> candle_core::Result<Self> {
         let [b, c, h, w] = dims else {
             candle_core::bail!("im2col expects a (B, C, H, W) input, got {dims:?}")
         };
@@ -87,7 +98,11 @@ impl Geometry {
 
 /// Runs `f(plane_index, plane)` over the `planes` equal chunks of `data` on all threads.
 fn par_planes(data: &mut [f32], plane_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let n_planes = if plane_len == 0 { 0 } else { data.len() / plane_len };
+    let n_planes = if plane_len == 0 {
+        0
+    } else {
+        data.len() / plane_len
+    };
     let threads = candle_core::utils::get_num_threads().clamp(1, n_planes.max(1));
     if threads <= 1 || n_planes < 2 {
         for (i, p) in data.chunks_mut(plane_len.max(1)).enumerate() {
@@ -130,7 +145,9 @@ impl Im2Col {
                 for j in 0..g.kw {
                     let row = &mut dst[(i * g.kw + j) * cols..(i * g.kw + j + 1) * cols];
                     for oy in 0..g.ho {
-                        let Some(iy) = Geometry::source(oy, i, g.stride, g.pad.top, g.h) else { continue };
+                        let Some(iy) = Geometry::source(oy, i, g.stride, g.pad.top, g.h) else {
+                            continue;
+                        };
                         let src_row = &src[iy * g.w..(iy + 1) * g.w];
                         let dst_row = &mut row[oy * g.wo..(oy + 1) * g.wo];
                         if g.stride == 1 {
@@ -143,7 +160,8 @@ impl Im2Col {
                             }
                         } else {
                             for (ox, d) in dst_row.iter_mut().enumerate() {
-                                if let Some(ix) = Geometry::source(ox, j, g.stride, g.pad.left, g.w) {
+                                if let Some(ix) = Geometry::source(ox, j, g.stride, g.pad.left, g.w)
+                                {
                                     *d = src_row[ix];
                                 }
                             }
@@ -167,7 +185,9 @@ impl Im2Col {
                 for j in 0..g.kw {
                     let row = &src[(i * g.kw + j) * cols..(i * g.kw + j + 1) * cols];
                     for oy in 0..g.ho {
-                        let Some(iy) = Geometry::source(oy, i, g.stride, g.pad.top, g.h) else { continue };
+                        let Some(iy) = Geometry::source(oy, i, g.stride, g.pad.top, g.h) else {
+                            continue;
+                        };
                         let dst_row = &mut dst[iy * g.w..(iy + 1) * g.w];
                         let src_row = &row[oy * g.wo..(oy + 1) * g.wo];
                         if g.stride == 1 {
@@ -175,13 +195,16 @@ impl Im2Col {
                             let hi = (g.w + g.pad.left).saturating_sub(j).min(g.wo);
                             if lo < hi {
                                 let s0 = lo + j - g.pad.left;
-                                for (d, s) in dst_row[s0..s0 + (hi - lo)].iter_mut().zip(&src_row[lo..hi]) {
+                                for (d, s) in
+                                    dst_row[s0..s0 + (hi - lo)].iter_mut().zip(&src_row[lo..hi])
+                                {
                                     *d += *s;
                                 }
                             }
                         } else {
                             for (ox, s) in src_row.iter().enumerate() {
-                                if let Some(ix) = Geometry::source(ox, j, g.stride, g.pad.left, g.w) {
+                                if let Some(ix) = Geometry::source(ox, j, g.stride, g.pad.left, g.w)
+                                {
                                     dst_row[ix] += *s;
                                 }
                             }
@@ -204,7 +227,11 @@ impl CustomOp1 for Im2Col {
         "im2col"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geometry::new(layout.dims(), self.kh, self.kw, self.stride, self.pad)?;
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("im2col: only float32 is supported (training runs in float32)")
@@ -216,19 +243,37 @@ impl CustomOp1 for Im2Col {
         Ok((CpuStorage::F32(out), Shape::from((g.b, g.rows(), g.cols()))))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let g = Geometry::new(arg.dims(), self.kh, self.kw, self.stride, self.pad)?;
         let grad = f32_data(grad_res)?;
         let dx = self.scatter(&grad, &g);
-        Ok(Some(Tensor::from_vec(dx, (g.b, g.c, g.h, g.w), arg.device())?.to_dtype(arg.dtype())?))
+        Ok(Some(
+            Tensor::from_vec(dx, (g.b, g.c, g.h, g.w), arg.device())?.to_dtype(arg.dtype())?,
+        ))
     }
 }
 
 /// `im2col` of `x` (B, C, H, W) for a kh x kw kernel: (B, C*kh*kw, Ho*Wo) and (Ho, Wo),
 /// differentiable (its backward is `col2im`). CPU and float32 only.
-pub fn im2col(x: &Tensor, kh: usize, kw: usize, stride: usize, pad: Padding) -> Result<(Tensor, (usize, usize))> {
+pub fn im2col(
+    x: &Tensor,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: Padding,
+) -> Result<(Tensor, (usize, usize))> {
     let g = Geometry::new(x.dims(), kh, kw, stride, pad)?;
-    let cols = x.contiguous()?.apply_op1(Im2Col { kh, kw, stride, pad })?; // (B, C*kh*kw, Ho*Wo)
+    let cols = x.contiguous()?.apply_op1(Im2Col {
+        kh,
+        kw,
+        stride,
+        pad,
+    })?; // (B, C*kh*kw, Ho*Wo)
     Ok((cols, (g.ho, g.wo)))
 }
 
@@ -240,7 +285,13 @@ pub fn im2col_supported(x: &Tensor) -> bool {
 /// A convolution `x (B, C, H, W) * weight (O, C, kh, kw) + bias (O)` with zero padding `pad` and
 /// `stride`, computed as `weight (O, K) @ im2col(x) (B, K, Ho*Wo)`: (B, O, Ho, Wo).
 /// Differentiable in `x`, `weight` and `bias`; a 1x1 stride-1 unpadded convolution skips im2col.
-pub fn conv2d_im2col(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, pad: Padding) -> Result<Tensor> {
+pub fn conv2d_im2col(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: Padding,
+) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (o, cw, kh, kw) = weight.dims4()?;
     if cw != c {
@@ -280,7 +331,9 @@ pub fn conv2d_weight_grad(
     let (cols, (eh, ew)) = if im2col_supported(&x) {
         im2col(&x, kh, kw, stride, pad)?
     } else {
-        return Err(crate::Error::invalid("conv2d_weight_grad runs on CPU float32 tensors"));
+        return Err(crate::Error::invalid(
+            "conv2d_weight_grad runs on CPU float32 tensors",
+        ));
     };
     if go != o || (eh, ew) != (ho, wo) {
         return Err(crate::Error::invalid(format!(
@@ -299,7 +352,16 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     /// Forward and all three gradients against candle's own conv2d (the reference version), for
@@ -321,19 +383,38 @@ mod tests {
                 .as_tensor()
                 .conv2d(wt.as_tensor(), p, stride, 1, 1)?
                 .broadcast_add(&bias.as_tensor().reshape((1, o, 1, 1))?)?;
-            let got = conv2d_im2col(x.as_tensor(), wt.as_tensor(), Some(bias.as_tensor()), stride, Padding::same(p))?;
+            let got = conv2d_im2col(
+                x.as_tensor(),
+                wt.as_tensor(),
+                Some(bias.as_tensor()),
+                stride,
+                Padding::same(p),
+            )?;
             assert_eq!(got.dims(), want.dims());
-            assert!(max_diff(&got, &want) < 1e-4, "forward {c} {o} {k} {stride} {p}");
+            assert!(
+                max_diff(&got, &want) < 1e-4,
+                "forward {c} {o} {k} {stride} {p}"
+            );
             let probe = Tensor::randn(0f32, 1.0, want.dims(), &dev)?;
             let gw = (want * &probe)?.sum_all()?.backward()?;
             let gg = (got * &probe)?.sum_all()?.backward()?;
             for (name, v) in [("x", &x), ("w", &wt), ("b", &bias)] {
                 let a = gw.get(v.as_tensor()).unwrap();
                 let b = gg.get(v.as_tensor()).unwrap();
-                assert!(max_diff(a, b) < 1e-3, "grad {name} for k={k} s={stride} p={p}: {}", max_diff(a, b));
+                assert!(
+                    max_diff(a, b) < 1e-3,
+                    "grad {name} for k={k} s={stride} p={p}: {}",
+                    max_diff(a, b)
+                );
             }
             // the weight gradient alone
-            let gonly = conv2d_weight_grad(x.as_tensor(), &probe, (o, c, k, k), stride, Padding::same(p))?;
+            let gonly = conv2d_weight_grad(
+                x.as_tensor(),
+                &probe,
+                (o, c, k, k),
+                stride,
+                Padding::same(p),
+            )?;
             assert!(max_diff(&gonly, gw.get(wt.as_tensor()).unwrap()) < 1e-3);
         }
         Ok(())
@@ -347,7 +428,12 @@ mod tests {
         let wt = Tensor::randn(0f32, 1.0, (3, 2, 3, 3), &dev)?;
         let padded = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
         let want = padded.conv2d(&wt, 0, 2, 1, 1)?;
-        let pad = Padding { top: 0, bottom: 1, left: 0, right: 1 };
+        let pad = Padding {
+            top: 0,
+            bottom: 1,
+            left: 0,
+            right: 1,
+        };
         let got = conv2d_im2col(&x, &wt, None, 2, pad)?;
         assert!(max_diff(&got, &want) < 1e-4);
         Ok(())

@@ -52,7 +52,13 @@ impl Drop for TrainingMode {
 pub fn conv(conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
     let cfg = conv.config();
     if training() && im2col_supported(x) && cfg.dilation == 1 && cfg.groups == 1 {
-        return conv2d_im2col(x, conv.weight(), conv.bias(), cfg.stride, Padding::same(cfg.padding));
+        return conv2d_im2col(
+            x,
+            conv.weight(),
+            conv.bias(),
+            cfg.stride,
+            Padding::same(cfg.padding),
+        );
     }
     Ok(conv.forward(x)?)
 }
@@ -76,7 +82,9 @@ pub fn layer_norm(ln: &LayerNorm, eps: f64, x: &Tensor) -> Result<Tensor> {
     let mean = (x.sum_keepdim(D::Minus1)? / n)?; // (.., 1)
     let xc = x.broadcast_sub(&mean)?; // (.., C)
     let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / n)?; // (.., 1)
-    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(ln.weight())?;
+    let y = xc
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(ln.weight())?;
     Ok(match ln.bias() {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -133,12 +141,7 @@ pub struct ResnetBlock {
 impl ResnetBlock {
     /// `conv_shortcut` selects the reference's 3x3 `conv_shortcut` instead of the 1x1 `nin_shortcut`
     /// when the channel count changes.
-    pub fn new(
-        in_c: usize,
-        out_c: usize,
-        conv_shortcut: bool,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    pub fn new(in_c: usize, out_c: usize, conv_shortcut: bool, vb: VarBuilder) -> Result<Self> {
         let shortcut = if in_c != out_c {
             Some(if conv_shortcut {
                 conv2d(in_c, out_c, 3, 1, 1, vb.pp("conv_shortcut"))?
@@ -202,7 +205,7 @@ impl AttnBlock {
         let q = q.transpose(1, 2)?.contiguous()?; // (B, HW, C)
         let scores = (q.matmul(&k)? * (c as f64).powf(-0.5))?; // (B, HWq, HWk)
         let attn = softmax_last_dim(&scores)?; // (B, HWq, HWk)
-        // out[b, c, i] = sum_j v[b, c, j] * attn[b, i, j]
+                                               // out[b, c, i] = sum_j v[b, c, j] * attn[b, i, j]
         let out = v.matmul(&attn.transpose(1, 2)?.contiguous()?)?; // (B, C, HWq)
         let out = conv(&self.proj_out, &out.reshape((b, c, h, w))?)?; // (B, C, H, W)
         Ok((x + out)?)
@@ -260,7 +263,12 @@ impl Downsample {
             Some(c) => {
                 if training() && im2col_supported(x) {
                     // the same padding folded into im2col, without materialising the padded copy
-                    let pad = Padding { top: 0, bottom: 1, left: 0, right: 1 };
+                    let pad = Padding {
+                        top: 0,
+                        bottom: 1,
+                        left: 0,
+                        right: 1,
+                    };
                     return conv2d_im2col(x, c.weight(), c.bias(), 2, pad);
                 }
                 // F.pad(x, (0, 1, 0, 1)): one zero column on the right, one zero row at the bottom.
@@ -284,7 +292,10 @@ mod tests {
         let dev = Device::Cpu;
         let mut map = std::collections::HashMap::new();
         // A 3x3 kernel of ones, no bias: each output is the sum of a 3x3 window.
-        map.insert("conv.weight".to_string(), Tensor::ones((1, 1, 3, 3), DType::F32, &dev)?);
+        map.insert(
+            "conv.weight".to_string(),
+            Tensor::ones((1, 1, 3, 3), DType::F32, &dev)?,
+        );
         map.insert("conv.bias".to_string(), Tensor::zeros(1, DType::F32, &dev)?);
         let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
         let down = Downsample::new(1, true, vb)?;
@@ -306,10 +317,17 @@ mod tests {
         let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
         let norm = normalize(32, vb)?;
         // Each channel (= group) holds the values 0 and 0.002: mean 0.001, variance 1e-6.
-        let x = Tensor::new(&[0f32, 0.002], &dev)?.reshape((1, 1, 1, 2))?.repeat((1, 32, 1, 1))?;
+        let x = Tensor::new(&[0f32, 0.002], &dev)?
+            .reshape((1, 1, 1, 2))?
+            .repeat((1, 32, 1, 1))?;
         let y = norm.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
         let expected = 0.001 / (1e-6f32 + 1e-6).sqrt();
-        assert!((y[1] - expected).abs() < 1e-3, "got {} expected {}", y[1], expected);
+        assert!(
+            (y[1] - expected).abs() < 1e-3,
+            "got {} expected {}",
+            y[1],
+            expected
+        );
         Ok(())
     }
 }

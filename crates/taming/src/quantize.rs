@@ -118,15 +118,12 @@ impl Remap {
                 } else {
                     i as usize
                 };
-                self.used
-                    .get(i)
-                    .map(|&u| u as u32)
-                    .ok_or_else(|| {
-                        Error::invalid(format!(
-                            "remapped index {i} out of range for {} used codes",
-                            self.used.len()
-                        ))
-                    })
+                self.used.get(i).map(|&u| u as u32).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "remapped index {i} out of range for {} used codes",
+                        self.used.len()
+                    ))
+                })
             })
             .collect()
     }
@@ -138,7 +135,11 @@ fn apply_remap(remap: &Option<Remap>, idx: &Tensor, to_used: bool) -> Result<Ten
         Some(r) => {
             let shape = idx.dims().to_vec();
             let v = idx.flatten_all()?.to_vec1::<u32>()?;
-            let v = if to_used { r.to_used(&v)? } else { r.to_all(&v)? };
+            let v = if to_used {
+                r.to_used(&v)?
+            } else {
+                r.to_all(&v)?
+            };
             Ok(Tensor::from_vec(v, shape, idx.device())?)
         }
     }
@@ -327,7 +328,7 @@ impl GumbelQuantizer {
         };
         let idx = scores.argmax(1)?.reshape((b, h * w))?; // (B, HW)
         let quant = lookup(&self.embed, &idx, (h, w))?; // (B, D, H, W)
-        // KL to the uniform prior: kl_weight * mean over positions of sum_k qy log(qy K + 1e-10).
+                                                        // KL to the uniform prior: kl_weight * mean over positions of sum_k qy log(qy K + 1e-10).
         let qy = candle_nn::ops::softmax(&logits, 1)?; // (B, K, H, W)
         let kl = (&qy * ((&qy * self.n_embed as f64)? + 1e-10)?.log()?)?
             .sum(1)?
@@ -376,12 +377,22 @@ impl GumbelQuantizer {
         let oh = one_hot.permute((0, 2, 3, 1))?.reshape((b * h * w, k))?; // (N, K)
         let zq = oh.matmul(&self.embed)?; // (N, D)
         let d = self.embed.dim(1)?;
-        let quant = zq.reshape((b, h, w, d))?.permute((0, 3, 1, 2))?.contiguous()?; // (B, D, H, W)
+        let quant = zq
+            .reshape((b, h, w, d))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?; // (B, D, H, W)
         let qy = candle_nn::ops::softmax(&logits, 1)?; // (B, K, H, W)
-        let kl = (&qy * ((&qy * self.n_embed as f64)? + 1e-10)?.log()?)?.sum(1)?.mean_all()?;
+        let kl = (&qy * ((&qy * self.n_embed as f64)? + 1e-10)?.log()?)?
+            .sum(1)?
+            .mean_all()?;
         let loss = (kl * self.kl_weight)?;
         let indices = idx.reshape((b, h * w))?;
-        Ok(Quantized { quant, loss, indices, grid: (h, w) })
+        Ok(Quantized {
+            quant,
+            loss,
+            indices,
+            grid: (h, w),
+        })
     }
 }
 
@@ -474,10 +485,17 @@ impl EmaVectorQuantizer {
         let sums = onehot.t()?.matmul(&zf)?; // (K, C)
         let cluster_size = ((&self.cluster_size * EMA_DECAY)? + (counts * (1.0 - EMA_DECAY))?)?;
         let embed_avg = ((&self.embed_avg * EMA_DECAY)? + (sums * (1.0 - EMA_DECAY))?)?;
-        let n = cluster_size.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let n = cluster_size
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
         let smoothed = ((&cluster_size + EMA_EPS)? * (n / (n + k as f64 * EMA_EPS)))?; // (K)
         let weight = embed_avg.broadcast_div(&smoothed.unsqueeze(1)?)?; // (K, C)
-        Ok(EmaUpdate { weight, cluster_size, embed_avg })
+        Ok(EmaUpdate {
+            weight,
+            cluster_size,
+            embed_avg,
+        })
     }
 }
 
@@ -549,7 +567,11 @@ mod tests {
         let random = Remap::new(vec![3, 7, 9], UnknownIndex::Random);
         let r = random.to_used(&[1, 2, 4, 5, 6, 8])?;
         assert!(r.iter().all(|&i| i < 3));
-        assert_eq!(r, random.to_used(&[1, 2, 4, 5, 6, 8])?, "seeded, hence reproducible");
+        assert_eq!(
+            r,
+            random.to_used(&[1, 2, 4, 5, 6, 8])?,
+            "seeded, hence reproducible"
+        );
         Ok(())
     }
 
@@ -597,13 +619,23 @@ mod tests {
             };
             let out = q.forward(var_z.as_tensor())?;
             let grads = out.loss.backward()?;
-            let gz = grads.get(&var_z).ok_or_else(|| anyhow::anyhow!("no z grad"))?;
-            let ge = grads.get(&var_cb).ok_or_else(|| anyhow::anyhow!("no codebook grad"))?;
+            let gz = grads
+                .get(&var_z)
+                .ok_or_else(|| anyhow::anyhow!("no z grad"))?;
+            let ge = grads
+                .get(&var_cb)
+                .ok_or_else(|| anyhow::anyhow!("no codebook grad"))?;
             // d/dz mean((e - z)^2) over 2 elements = (z - e); here z - e = (-0.5, -0.25)
             let gz = gz.flatten_all()?.to_vec1::<f32>()?;
-            assert!((gz[0] - z_scale * -0.5).abs() < 1e-6, "{placement:?} {gz:?}");
+            assert!(
+                (gz[0] - z_scale * -0.5).abs() < 1e-6,
+                "{placement:?} {gz:?}"
+            );
             let ge = ge.to_vec2::<f32>()?;
-            assert!((ge[1][0] - e_scale * 0.5).abs() < 1e-6, "{placement:?} {ge:?}");
+            assert!(
+                (ge[1][0] - e_scale * 0.5).abs() < 1e-6,
+                "{placement:?} {ge:?}"
+            );
         }
         Ok(())
     }

@@ -175,7 +175,10 @@ impl Gpt {
         if cfg.n_head == 0 || cfg.n_embd % cfg.n_head != 0 {
             return Err(Error::Config {
                 origin: "transformer_config".into(),
-                msg: format!("n_embd {} is not divisible by n_head {}", cfg.n_embd, cfg.n_head),
+                msg: format!(
+                    "n_embd {} is not divisible by n_head {}",
+                    cfg.n_embd, cfg.n_head
+                ),
             });
         }
         let blocks = (0..cfg.n_layer)
@@ -211,8 +214,16 @@ impl Gpt {
         if idx.elem_count() == 0 {
             return Ok(());
         }
-        let max = idx.to_dtype(DType::I64)?.flatten_all()?.max(0)?.to_scalar::<i64>()?;
-        let min = idx.to_dtype(DType::I64)?.flatten_all()?.min(0)?.to_scalar::<i64>()?;
+        let max = idx
+            .to_dtype(DType::I64)?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<i64>()?;
+        let min = idx
+            .to_dtype(DType::I64)?
+            .flatten_all()?
+            .min(0)?
+            .to_scalar::<i64>()?;
         if min < 0 || max as usize >= self.cfg.vocab_size {
             return Err(Error::invalid(format!(
                 "token {} is outside the transformer's vocabulary of {} (condition and image tokens share one vocabulary)",
@@ -314,7 +325,14 @@ impl Gpt {
     pub fn forward_cached(&self, idx: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let start = cache.len;
         let (b, t) = idx.dims2()?;
-        if cache.layers.first().map(|l| l.0.dim(0)).transpose()?.unwrap_or(b) != b {
+        if cache
+            .layers
+            .first()
+            .map(|l| l.0.dim(0))
+            .transpose()?
+            .unwrap_or(b)
+            != b
+        {
             return Err(Error::invalid("KV cache was made for another batch size"));
         }
         let x = self.embed(idx, None, start)?; // (B, T, C)
@@ -375,7 +393,10 @@ mod tests {
     fn cached_steps_equal_full_forward() -> anyhow::Result<()> {
         for n_unmasked in [0, 3] {
             let gpt = tiny(n_unmasked)?;
-            let idx = Tensor::new(&[[1u32, 4, 7, 2, 9, 10, 0, 5, 3], [3, 3, 1, 8, 6, 2, 7, 7, 1]], &Device::Cpu)?;
+            let idx = Tensor::new(
+                &[[1u32, 4, 7, 2, 9, 10, 0, 5, 3], [3, 3, 1, 8, 6, 2, 7, 7, 1]],
+                &Device::Cpu,
+            )?;
             let full = gpt.forward(&idx, None)?; // (2, 9, 11)
             let mut cache = gpt.new_cache(2)?;
             // prefill 4 tokens (covering the unmasked prefix), then one token at a time
@@ -413,7 +434,9 @@ mod tests {
     #[test]
     fn out_of_vocabulary_and_block_size_errors() -> anyhow::Result<()> {
         let gpt = tiny(0)?;
-        let e = gpt.forward(&Tensor::new(&[[1u32, 11]], &Device::Cpu)?, None).unwrap_err();
+        let e = gpt
+            .forward(&Tensor::new(&[[1u32, 11]], &Device::Cpu)?, None)
+            .unwrap_err();
         assert!(e.to_string().contains("token 11"), "{e}");
         let long = Tensor::zeros((1, 13), DType::U32, &Device::Cpu)?;
         let e = gpt.forward(&long, None).unwrap_err();

@@ -14,10 +14,10 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::checkpoint::StateDict;
 use crate::cond_transformer::Net2NetTransformer;
-use crate::sampling::{no_progress, sample_sequence, sample_sliding, SamplingOptions, SlidingCond};
 use crate::config::{ModelConfig, ProjectConfig, VqKind};
 use crate::first_stage::VqModel;
 use crate::quantize::{index_margin, Quantizer};
+use crate::sampling::{no_progress, sample_sequence, sample_sliding, SamplingOptions, SlidingCond};
 use crate::{Error, Result};
 
 /// How a tensor is compared.
@@ -101,7 +101,11 @@ impl Report {
                 if c.passed { "ok" } else { "FAIL" },
                 c.name,
                 c.tolerance,
-                if c.note.is_empty() { String::new() } else { format!("  ({})", c.note) }
+                if c.note.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({})", c.note)
+                }
             ));
         }
         for i in &self.inputs {
@@ -110,7 +114,11 @@ impl Report {
         for (name, why) in &self.skipped {
             s.push_str(&format!("  skip   {name:<24} {why}\n"));
         }
-        s.push_str(&format!("{} passed, {} failed\n", self.passed(), self.failed()));
+        s.push_str(&format!(
+            "{} passed, {} failed\n",
+            self.passed(),
+            self.failed()
+        ));
         s
     }
 }
@@ -128,8 +136,14 @@ pub fn compare(name: &str, actual: &Tensor, expected: &Tensor, tol: Tolerance) -
     }
     let (diff, passed) = match tol {
         Tolerance::Exact => {
-            let a = actual.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
-            let e = expected.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+            let a = actual
+                .to_dtype(DType::I64)?
+                .flatten_all()?
+                .to_vec1::<i64>()?;
+            let e = expected
+                .to_dtype(DType::I64)?
+                .flatten_all()?
+                .to_vec1::<i64>()?;
             let n = a.iter().zip(&e).filter(|(x, y)| x != y).count();
             (n as f64, n == 0)
         }
@@ -171,12 +185,11 @@ pub struct FixtureIo {
 
 impl FixtureIo {
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let tensors = candle_core::safetensors::load(path, device).map_err(|e| {
-            Error::Checkpoint {
+        let tensors =
+            candle_core::safetensors::load(path, device).map_err(|e| Error::Checkpoint {
                 path: path.to_path_buf(),
                 msg: format!("cannot read fixture tensors: {e}"),
-            }
-        })?;
+            })?;
         Ok(Self {
             path: path.to_path_buf(),
             tensors: tensors.into_iter().collect(),
@@ -271,7 +284,10 @@ pub fn verify_dir(dir: &Path, device: &Device) -> Result<Report> {
         }
         ModelConfig::Transformer(cfg) => {
             let (model, _) = Net2NetTransformer::load(cfg, &sd, DType::F32, device)?;
-            let name = format!("Net2NetTransformer, cond stage: {}", model.cond_stage().describe());
+            let name = format!(
+                "Net2NetTransformer, cond stage: {}",
+                model.cond_stage().describe()
+            );
             let mut ck = Checker::new(&io, dir, name);
             check_transformer(&mut ck, &model)?;
             Ok(ck.finish(skip_reason))
@@ -291,14 +307,23 @@ fn skip_reason(name: &str) -> String {
 /// `global_step = disc_start`, computed on the fixture's `input` with the checkpoint's LPIPS and
 /// discriminator weights (model in train mode, LPIPS in eval mode, discriminator BatchNorm on
 /// batch statistics), including the adaptive weight, which needs gradients.
-pub fn check_losses(ck: &mut Checker, model: &VqModel, cfg: &crate::config::VqModelConfig, sd: &StateDict) -> Result<()> {
+pub fn check_losses(
+    ck: &mut Checker,
+    model: &VqModel,
+    cfg: &crate::config::VqModelConfig,
+    sd: &StateDict,
+) -> Result<()> {
     use crate::losses::vqperceptual::{LastLayer, VqLoss};
     use crate::losses::LossConfig;
     if !ck.io.names().any(|n| n.starts_with("loss/")) {
         return Ok(());
     }
-    let Some(lossconfig) = &cfg.lossconfig else { return Ok(()) };
-    let (LossConfig::VqLpips(lc), _) = LossConfig::from_target(lossconfig)? else { return Ok(()) };
+    let Some(lossconfig) = &cfg.lossconfig else {
+        return Ok(());
+    };
+    let (LossConfig::VqLpips(lc), _) = LossConfig::from_target(lossconfig)? else {
+        return Ok(());
+    };
     let step = lc.disc_start;
     let input = ck.io.require("input")?.clone();
     let loss = VqLoss::from_state_dict(lc, sd, "loss.", None, 0, input.device())?;
@@ -308,8 +333,18 @@ pub fn check_losses(ck: &mut Checker, model: &VqModel, cfg: &crate::config::VqMo
     loss.discriminator().set_training(false);
     let _mode = crate::nn::training_mode();
     let out = model.forward_train(&input)?;
-    let last = LastLayer { input: &out.last_layer_input, conv: model.decoder().conv_out() };
-    let gen = loss.generator_step(&input, &out.reconstruction, &out.qloss, step, Some(last), None)?;
+    let last = LastLayer {
+        input: &out.last_layer_input,
+        conv: model.decoder().conv_out(),
+    };
+    let gen = loss.generator_step(
+        &input,
+        &out.reconstruction,
+        &out.qloss,
+        step,
+        Some(last),
+        None,
+    )?;
     let disc = loss.discriminator_step(&input, &out.reconstruction, step, None)?;
     let one = |v: f32| Tensor::new(&[v], input.device());
     let magnitude = gen
@@ -346,7 +381,10 @@ pub fn check_first_stage(ck: &mut Checker, model: &VqModel, kind: &VqKind) -> Re
         // our label -> one-hot convention against the reference's `input`
         let labels = labels.clone();
         let (_, h, w) = labels.dims3()?;
-        let ids = labels.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+        let ids = labels
+            .to_dtype(DType::U32)?
+            .flatten_all()?
+            .to_vec1::<u32>()?;
         let bytes: Vec<u8> = ids.iter().map(|&v| v.min(255) as u8).collect();
         let img = image::GrayImage::from_raw(w as u32, h as u32, bytes)
             .ok_or_else(|| Error::invalid("labels tensor is not an image"))?;
@@ -375,7 +413,11 @@ pub fn check_first_stage(ck: &mut Checker, model: &VqModel, kind: &VqKind) -> Re
         ck.check("emb_loss", &q.loss.reshape(1)?, Tolerance::Rel(REL_TOL))?;
     }
     if ck.wants("index_margin") {
-        ck.check("index_margin", &index_margin(&h, model.quantizer().codebook())?, tol)?;
+        ck.check(
+            "index_margin",
+            &index_margin(&h, model.quantizer().codebook())?,
+            tol,
+        )?;
     }
     if ck.wants("decoded") {
         ck.check("decoded", &model.decode(&q.quant)?, tol)?;
@@ -408,21 +450,32 @@ pub fn check_transformer(ck: &mut Checker, model: &Net2NetTransformer) -> Result
     ck.check("c_indices", &ct.indices, Tolerance::Exact)?;
     // use the reference's tokens from here on, so that each check tests one thing
     let z_idx = ck.io.get("z_indices").cloned().unwrap_or(z.indices.clone());
-    let c_idx = ck.io.get("c_indices").cloned().unwrap_or(ct.indices.clone());
+    let c_idx = ck
+        .io
+        .get("c_indices")
+        .cloned()
+        .unwrap_or(ct.indices.clone());
     let logits = model.logits(&c_idx, &z_idx)?;
     ck.check("logits", &logits, tol)?;
     if ck.wants("cross_entropy") {
         let ce = Net2NetTransformer::cross_entropy(&logits, &z_idx)?;
         ck.check("cross_entropy", &ce.reshape(1)?, Tolerance::Rel(REL_TOL))?;
     }
-    let greedy = SamplingOptions { greedy: true, ..Default::default() };
+    let greedy = SamplingOptions {
+        greedy: true,
+        ..Default::default()
+    };
     let (b, n) = z_idx.dims2()?;
     let gpt = model.gpt();
     let empty = Tensor::zeros((b, 0), DType::U32, x.device())?;
     if ck.wants("greedy_indices") {
         let s = sample_sequence(gpt, &c_idx, &empty, n, &greedy, None, &mut no_progress)?;
         ck.check("greedy_indices", &s.indices, Tolerance::Exact)?;
-        let path = ck.io.get("greedy_indices").cloned().unwrap_or(s.indices.clone());
+        let path = ck
+            .io
+            .get("greedy_indices")
+            .cloned()
+            .unwrap_or(s.indices.clone());
         if ck.wants("greedy_logits") {
             ck.check("greedy_logits", &model.logits(&c_idx, &path)?, tol)?;
         }
@@ -432,14 +485,29 @@ pub fn check_transformer(ck: &mut Checker, model: &Net2NetTransformer) -> Result
     }
     if ck.wants("half_indices") {
         let prefix = z_idx.narrow(1, 0, n / 2)?;
-        let s = sample_sequence(gpt, &c_idx, &prefix, n - n / 2, &greedy, None, &mut no_progress)?;
+        let s = sample_sequence(
+            gpt,
+            &c_idx,
+            &prefix,
+            n - n / 2,
+            &greedy,
+            None,
+            &mut no_progress,
+        )?;
         ck.check("half_indices", &s.indices, Tolerance::Exact)?;
         if ck.wants("half_image") {
-            let path = ck.io.get("half_indices").cloned().unwrap_or(s.indices.clone());
+            let path = ck
+                .io
+                .get("half_indices")
+                .cloned()
+                .unwrap_or(s.indices.clone());
             ck.check("half_image", &model.decode_to_img(&path, z.grid)?, tol)?;
         }
     }
-    if let (Some(sx), Some(sc)) = (ck.io.get("sliding_x").cloned(), ck.io.get("sliding_c").cloned()) {
+    if let (Some(sx), Some(sc)) = (
+        ck.io.get("sliding_x").cloned(),
+        ck.io.get("sliding_c").cloned(),
+    ) {
         let zs = model.encode_to_z(&sx)?;
         let cs = model.encode_to_c(&sc)?;
         let cond = if cs.grid == Some(zs.grid) {
@@ -447,10 +515,22 @@ pub fn check_transformer(ck: &mut Checker, model: &Net2NetTransformer) -> Result
         } else {
             SlidingCond::Prefix(cs.indices)
         };
-        let s = sample_sliding(gpt, &cond, zs.grid, model.training_grid(), &greedy, None, &mut no_progress)?;
+        let s = sample_sliding(
+            gpt,
+            &cond,
+            zs.grid,
+            model.training_grid(),
+            &greedy,
+            None,
+            &mut no_progress,
+        )?;
         ck.check("sliding_indices", &s.indices, Tolerance::Exact)?;
         if ck.wants("sliding_image") {
-            let path = ck.io.get("sliding_indices").cloned().unwrap_or(s.indices.clone());
+            let path = ck
+                .io
+                .get("sliding_indices")
+                .cloned()
+                .unwrap_or(s.indices.clone());
             ck.check("sliding_image", &model.decode_to_img(&path, zs.grid)?, tol)?;
         }
     }

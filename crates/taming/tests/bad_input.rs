@@ -11,8 +11,13 @@ use taming::config::{ModelConfig, ProjectConfig, VqModelConfig};
 fn vq64() -> Option<(VqModelConfig, StateDict)> {
     let dir = common::fixture("vqgan_f4_64")?;
     let config = ProjectConfig::from_files(&[dir.join("config.yaml")], &[]).expect("config");
-    let ModelConfig::Vq(cfg) = config.model else { panic!("not a VQ config") };
-    Some((cfg, StateDict::load(dir.join("model.ckpt")).expect("checkpoint")))
+    let ModelConfig::Vq(cfg) = config.model else {
+        panic!("not a VQ config")
+    };
+    Some((
+        cfg,
+        StateDict::load(dir.join("model.ckpt")).expect("checkpoint"),
+    ))
 }
 
 fn edited(sd: &StateDict, f: impl FnOnce(&mut BTreeMap<String, Tensor>)) -> StateDict {
@@ -23,7 +28,9 @@ fn edited(sd: &StateDict, f: impl FnOnce(&mut BTreeMap<String, Tensor>)) -> Stat
 
 #[test]
 fn truncated_checkpoint_names_the_file() {
-    let Some(dir) = common::fixture("vqgan_f4_64") else { return };
+    let Some(dir) = common::fixture("vqgan_f4_64") else {
+        return;
+    };
     let bytes = std::fs::read(dir.join("model.ckpt")).expect("read");
     let tmp = tempfile::tempdir().expect("tempdir");
     let path = tmp.path().join("half.ckpt");
@@ -35,10 +42,15 @@ fn truncated_checkpoint_names_the_file() {
 #[test]
 fn unknown_target_is_named() {
     let yaml = "model:\n  target: taming.models.vqgan.VQModelPlusPlus\n  params: {}\n";
-    let msg = ProjectConfig::from_yaml_str(yaml, "bad.yaml").unwrap_err().to_string();
+    let msg = ProjectConfig::from_yaml_str(yaml, "bad.yaml")
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("taming.models.vqgan.VQModelPlusPlus"), "{msg}");
     assert!(msg.contains("bad.yaml"), "{msg}");
-    assert!(msg.contains("taming.models.vqgan.VQModel"), "lists the supported targets: {msg}");
+    assert!(
+        msg.contains("taming.models.vqgan.VQModel"),
+        "lists the supported targets: {msg}"
+    );
 }
 
 #[test]
@@ -67,23 +79,39 @@ fn wrong_shape_names_key_and_both_shapes() {
         .unwrap_err()
         .to_string();
     assert!(msg.contains("quantize.embedding.weight"), "{msg}");
-    assert!(msg.contains("[39, 10]") && msg.contains("[40, 10]"), "{msg}");
+    assert!(
+        msg.contains("[39, 10]") && msg.contains("[40, 10]"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn unknown_keys_are_listed_and_loss_keys_skipped() {
-    let Some(dir) = common::fixture("vqgan_f4") else { return };
+    let Some(dir) = common::fixture("vqgan_f4") else {
+        return;
+    };
     let config = ProjectConfig::from_files(&[dir.join("config.yaml")], &[]).expect("config");
-    let ModelConfig::Vq(cfg) = config.model else { panic!() };
+    let ModelConfig::Vq(cfg) = config.model else {
+        panic!()
+    };
     let sd = StateDict::load(dir.join("model.ckpt")).expect("checkpoint");
     let sd = edited(&sd, |t| {
-        t.insert("encoder.extra.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).expect("zeros"));
+        t.insert(
+            "encoder.extra.weight".into(),
+            Tensor::zeros(3, DType::F32, &Device::Cpu).expect("zeros"),
+        );
     });
     let (_, report) = taming::model::load_vq(&cfg, &sd, DType::F32, &Device::Cpu).expect("load");
     assert_eq!(report.unexpected, vec!["encoder.extra.weight".to_string()]);
     assert!(report.skipped.iter().all(|k| k.starts_with("loss.")));
-    assert!(report.skipped.iter().any(|k| k.starts_with("loss.discriminator.")));
-    assert!(report.skipped.iter().any(|k| k.starts_with("loss.perceptual_loss.")));
+    assert!(report
+        .skipped
+        .iter()
+        .any(|k| k.starts_with("loss.discriminator.")));
+    assert!(report
+        .skipped
+        .iter()
+        .any(|k| k.starts_with("loss.perceptual_loss.")));
 }
 
 #[test]
@@ -113,7 +141,10 @@ fn segmentation_label_beyond_n_labels() {
     )
     .unwrap_err()
     .to_string();
-    assert!(msg.contains("labels.png") && msg.contains("label 9") && msg.contains("n_labels = 8"), "{msg}");
+    assert!(
+        msg.contains("labels.png") && msg.contains("label 9") && msg.contains("n_labels = 8"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -123,6 +154,8 @@ fn unreadable_image_names_the_file() {
     std::fs::write(&path, b"not a png").expect("write");
     let msg = taming::image_io::load_rgb(&path).unwrap_err().to_string();
     assert!(msg.contains("photo.png"), "{msg}");
-    let msg = taming::image_io::load_rgb(&tmp.path().join("absent.jpg")).unwrap_err().to_string();
+    let msg = taming::image_io::load_rgb(&tmp.path().join("absent.jpg"))
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("absent.jpg"), "{msg}");
 }

@@ -39,11 +39,16 @@ fn yaml_data(params: &str) -> String {
 }
 
 fn module(yaml: &str) -> Result<DataModule> {
-    Ok(DataModule::new(DataConfig::from_yaml_str(yaml, "test.yaml")?)?)
+    Ok(DataModule::new(DataConfig::from_yaml_str(
+        yaml,
+        "test.yaml",
+    )?)?)
 }
 
 fn collect(loader: &Loader, epoch: u64, start: usize) -> Result<Vec<Batch>> {
-    Ok(loader.epoch(epoch, start).collect::<taming::Result<Vec<_>>>()?)
+    Ok(loader
+        .epoch(epoch, start)
+        .collect::<taming::Result<Vec<_>>>()?)
 }
 
 fn same(a: &Batch, b: &Batch) -> Result<bool> {
@@ -95,14 +100,19 @@ fn config_errors_name_the_key_path() {
         .unwrap_err()
         .to_string();
     assert!(
-        msg.contains("data.params.train.params.sizee: unknown parameter of taming.data.custom.CustomTrain"),
+        msg.contains(
+            "data.params.train.params.sizee: unknown parameter of taming.data.custom.CustomTrain"
+        ),
         "{msg}"
     );
     let msg = DataConfig::from_yaml_str("model: {target: x}\n", "test.yaml")
         .map(|_| ())
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("data") && msg.contains("no `data:` section"), "{msg}");
+    assert!(
+        msg.contains("data") && msg.contains("no `data:` section"),
+        "{msg}"
+    );
     let yaml = yaml_data("    batch_size: 2\n    train: {target: taming.data.faces.CelebA}\n");
     let msg = DataConfig::from_yaml_str(&yaml, "test.yaml")
         .map(|_| ())
@@ -147,7 +157,10 @@ fn relative_paths_resolve_beside_the_list_and_sizes_must_match() -> Result<()> {
     let data = module(&yaml)?;
     assert_eq!(data.val_len(), 2);
     assert!(data.train_loader(0).is_err());
-    let err = collect(&data.val_loader(0)?, 0, 0).map(|_| ()).unwrap_err().to_string();
+    let err = collect(&data.val_loader(0)?, 0, 0)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("a.png") && err.contains("b.png") && err.contains("size"),
         "{err}"
@@ -265,9 +278,12 @@ fn corrupt_images_are_skipped_and_counted() -> Result<()> {
 /// image `imgs/<name>.jpg` (PNG bytes, so that colours are exact) and the labels `segs/<name>.png`.
 fn synthetic_pair(dir: &Path, name: &str, w: u32, h: u32) -> Result<()> {
     let label = |x: u32, y: u32| ((x / 3 + 2 * (y / 5)) % 12) as u8;
-    GrayImage::from_fn(w, h, |x, y| Luma([label(x, y)])).save(dir.join("segs").join(format!("{name}.png")))?;
-    RgbImage::from_fn(w, h, |x, y| Rgb([label(x, y) * 20, 0, 0]))
-        .save_with_format(dir.join("imgs").join(format!("{name}.jpg")), image::ImageFormat::Png)?;
+    GrayImage::from_fn(w, h, |x, y| Luma([label(x, y)]))
+        .save(dir.join("segs").join(format!("{name}.png")))?;
+    RgbImage::from_fn(w, h, |x, y| Rgb([label(x, y) * 20, 0, 0])).save_with_format(
+        dir.join("imgs").join(format!("{name}.jpg")),
+        image::ImageFormat::Png,
+    )?;
     Ok(())
 }
 
@@ -277,7 +293,10 @@ fn segmentation_crop_and_flip_stay_aligned() -> Result<()> {
     std::fs::create_dir_all(dir.path().join("segs"))?;
     std::fs::create_dir_all(dir.path().join("imgs"))?;
     let mut lines = Vec::new();
-    for (i, (w, h)) in [(40u32, 30u32), (30, 44), (50, 32), (33, 33)].into_iter().enumerate() {
+    for (i, (w, h)) in [(40u32, 30u32), (30, 44), (50, 32), (33, 33)]
+        .into_iter()
+        .enumerate()
+    {
         synthetic_pair(dir.path(), &format!("p{i}"), w, h)?;
         lines.push(format!("p{i}.jpg"));
     }
@@ -311,7 +330,10 @@ fn segmentation_crop_and_flip_stay_aligned() -> Result<()> {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("segs") && err.contains("label") && err.contains("pixel") && err.contains("n_labels = 5"),
+        err.contains("segs")
+            && err.contains("label")
+            && err.contains("pixel")
+            && err.contains("n_labels = 5"),
         "{err}"
     );
     Ok(())
@@ -368,7 +390,11 @@ fn shared_segmentation_examples_match_their_label_maps() -> Result<()> {
                 .iter()
                 .map(|&v| if shift { v.wrapping_add(1) } else { v } as u32)
                 .collect();
-            assert_eq!(&got[i * 64 * 64..(i + 1) * 64 * 64], &want[..], "{name} {line}");
+            assert_eq!(
+                &got[i * 64 * 64..(i + 1) * 64 * 64],
+                &want[..],
+                "{name} {line}"
+            );
         }
     }
     Ok(())
@@ -403,11 +429,16 @@ fn depth_pairs_are_normalised_per_map() -> Result<()> {
     }
     let mut lines = Vec::new();
     for i in 0..3u32 {
-        RgbImage::from_fn(32, 32, |x, y| Rgb([x as u8, y as u8, i as u8]))
-            .save_with_format(dir.path().join(format!("imgs/a/{i}.jpg")), image::ImageFormat::Png)?;
-        write_depth(&dir.path().join(format!("depth/a/{i}.png")), 32, 32, |x, y| {
-            10.0 + (i + 1) as f32 * (x * 32 + y) as f32
-        })?;
+        RgbImage::from_fn(32, 32, |x, y| Rgb([x as u8, y as u8, i as u8])).save_with_format(
+            dir.path().join(format!("imgs/a/{i}.jpg")),
+            image::ImageFormat::Png,
+        )?;
+        write_depth(
+            &dir.path().join(format!("depth/a/{i}.png")),
+            32,
+            32,
+            |x, y| 10.0 + (i + 1) as f32 * (x * 32 + y) as f32,
+        )?;
         lines.push(format!("a/{i}.jpg"));
     }
     // DepthPairs replaces the extension: `a/0.jpg` -> `a/0.png`.
@@ -425,7 +456,10 @@ fn depth_pairs_are_normalised_per_map() -> Result<()> {
     assert_eq!(batches[0]["depth"].dims(), &[2, 1, 32, 32]);
     for b in &batches {
         for (min, max) in per_map_min_max(&b["depth"])? {
-            assert!((min + 1.0).abs() < 1e-6 && (max - 1.0).abs() < 1e-6, "{min} {max}");
+            assert!(
+                (min + 1.0).abs() < 1e-6 && (max - 1.0).abs() < 1e-6,
+                "{min} {max}"
+            );
         }
     }
     // rescaled (64x48 -> 43x32) and randomly cropped and flipped: the depth map follows the
@@ -439,14 +473,22 @@ fn depth_pairs_are_normalised_per_map() -> Result<()> {
                 Rgb([255, 255, 255])
             }
         })
-        .save_with_format(dir.path().join(format!("imgs/a/big{i}.jpg")), image::ImageFormat::Png)?;
-        write_depth(&dir.path().join(format!("depth/a/big{i}.png")), w, h, |x, y| {
-            if y < h / 2 {
-                5.0
-            } else {
-                50.0 + i as f32 * x as f32
-            }
-        })?;
+        .save_with_format(
+            dir.path().join(format!("imgs/a/big{i}.jpg")),
+            image::ImageFormat::Png,
+        )?;
+        write_depth(
+            &dir.path().join(format!("depth/a/big{i}.png")),
+            w,
+            h,
+            |x, y| {
+                if y < h / 2 {
+                    5.0
+                } else {
+                    50.0 + i as f32 * x as f32
+                }
+            },
+        )?;
     }
     write_list(&csv, &["a/big0.jpg".into(), "a/big1.jpg".into()])?;
     let yaml = yaml.replace("size: 32, flip: true", "size: 32, random_crop: true");
@@ -454,11 +496,17 @@ fn depth_pairs_are_normalised_per_map() -> Result<()> {
     let depth = &batches[0]["depth"];
     assert_eq!(depth.dims(), &[2, 1, 32, 32]);
     for (min, max) in per_map_min_max(depth)? {
-        assert!((min + 1.0).abs() < 1e-5 && max <= 1.0 && max > 0.5, "{min} {max}");
+        assert!(
+            (min + 1.0).abs() < 1e-5 && max <= 1.0 && max > 0.5,
+            "{min} {max}"
+        );
         // map 1 has its far end cropped off
     }
     let d = depth.flatten_all()?.to_vec1::<f32>()?;
-    let img = batches[0]["image"].narrow(1, 0, 1)?.flatten_all()?.to_vec1::<f32>()?; // red (B*H*W)
+    let img = batches[0]["image"]
+        .narrow(1, 0, 1)?
+        .flatten_all()?
+        .to_vec1::<f32>()?; // red (B*H*W)
     for (dv, iv) in d.iter().zip(&img) {
         if *dv < -0.99 {
             assert_eq!(*iv, -1.0);
@@ -522,7 +570,10 @@ fn image_folder_labels_are_sorted_subfolders() -> Result<()> {
         Some(vec!["ant".into(), "moth".into(), "zebra".into()])
     );
     let batches = collect(&data.val_loader(0)?, 0, 0)?;
-    assert_eq!(batches[0]["class_label"].to_vec1::<u32>()?, vec![0, 1, 1, 2, 2]);
+    assert_eq!(
+        batches[0]["class_label"].to_vec1::<u32>()?,
+        vec![0, 1, 1, 2, 2]
+    );
     assert_eq!(batches[0]["image"].dims(), &[5, 3, 8, 8]);
     // concatenated with a list dataset yielding no class label: an error naming both blocks
     let other = tempfile::tempdir()?;

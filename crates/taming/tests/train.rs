@@ -53,7 +53,8 @@ impl Toy {
             for y in 0..s {
                 for x in 0..s {
                     let f = (i as f32 + 1.0) * 0.37;
-                    let t = ((x as f32 * 0.3 + f * c as f32).sin() * (y as f32 * 0.25 + f).cos()) * 0.8;
+                    let t =
+                        ((x as f32 * 0.3 + f * c as f32).sin() * (y as f32 * 0.25 + f).cos()) * 0.8;
                     v.push(t);
                 }
             }
@@ -66,7 +67,11 @@ impl BatchSource for Toy {
     fn batches_per_epoch(&self) -> usize {
         self.n / self.batch
     }
-    fn epoch(&self, epoch: u64, start: usize) -> Box<dyn Iterator<Item = taming::Result<Batch>> + '_> {
+    fn epoch(
+        &self,
+        epoch: u64,
+        start: usize,
+    ) -> Box<dyn Iterator<Item = taming::Result<Batch>> + '_> {
         let per = self.batches_per_epoch();
         Box::new((start..per).map(move |b| {
             let mut data = Vec::new();
@@ -84,7 +89,10 @@ impl BatchSource for Toy {
 }
 
 fn vq_config() -> taming::config::VqModelConfig {
-    match ProjectConfig::from_yaml_str(VQGAN, "tiny.yaml").unwrap().model {
+    match ProjectConfig::from_yaml_str(VQGAN, "tiny.yaml")
+        .unwrap()
+        .model
+    {
         ModelConfig::Vq(c) => c,
         _ => unreachable!(),
     }
@@ -97,7 +105,10 @@ fn vq_trainer(seed: u64) -> train::vqgan::VqganTrainer {
 /// The same model with the GAN terms off for the first 1000 steps: reconstruction only.
 fn vq_trainer_no_gan(seed: u64) -> train::vqgan::VqganTrainer {
     let yaml = VQGAN.replace("disc_start: 2", "disc_start: 1000");
-    let cfg = match ProjectConfig::from_yaml_str(&yaml, "tiny.yaml").unwrap().model {
+    let cfg = match ProjectConfig::from_yaml_str(&yaml, "tiny.yaml")
+        .unwrap()
+        .model
+    {
         ModelConfig::Vq(c) => c,
         _ => unreachable!(),
     };
@@ -117,9 +128,23 @@ fn opts(max_steps: u64) -> FitOptions {
 }
 
 fn run_fit(trainer: &mut dyn Trainer, run: &RunDir, steps: u64, state: &mut TrainState) -> FitEnd {
-    let data = Toy { n: 8, batch: 2, size: 16 };
+    let data = Toy {
+        n: 8,
+        batch: 2,
+        size: 16,
+    };
     let stop = AtomicBool::new(false);
-    train::fit(trainer, &data, None, run, &opts(steps), state, &stop, &mut |_| {}).unwrap()
+    train::fit(
+        trainer,
+        &data,
+        None,
+        run,
+        &opts(steps),
+        state,
+        &stop,
+        &mut |_| {},
+    )
+    .unwrap()
 }
 
 fn weights(t: &dyn Trainer) -> BTreeMap<String, Vec<f32>> {
@@ -127,7 +152,17 @@ fn weights(t: &dyn Trainer) -> BTreeMap<String, Vec<f32>> {
         .unwrap()
         .into_iter()
         .filter(|(_, v)| v.dtype() == DType::F32 || v.dtype() == DType::F64)
-        .map(|(k, v)| (k, v.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .map(|(k, v)| {
+            (
+                k,
+                v.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -137,16 +172,25 @@ fn vqgan_resume_equals_uninterrupted_run() {
     // uninterrupted: 6 steps (the discriminator starts at step 2)
     let run_a = RunDir::create(tmp.path(), "a", VQGAN).unwrap();
     let mut a = vq_trainer(3);
-    let mut sa = TrainState { seed: 3, ..Default::default() };
+    let mut sa = TrainState {
+        seed: 3,
+        ..Default::default()
+    };
     assert_eq!(run_fit(&mut a, &run_a, 6, &mut sa), FitEnd::Finished);
     // interrupted after 3 steps (mid-epoch), then a new process resumes from `last`
     let run_b = RunDir::create(tmp.path(), "b", VQGAN).unwrap();
     let mut b = vq_trainer(3);
-    let mut sb = TrainState { seed: 3, ..Default::default() };
+    let mut sb = TrainState {
+        seed: 3,
+        ..Default::default()
+    };
     run_fit(&mut b, &run_b, 3, &mut sb);
     drop(b);
     let (sd, mut state) = train::run::load_checkpoint(&run_b.last_checkpoint()).unwrap();
-    assert_eq!((state.global_step, state.epoch, state.batch_in_epoch), (3,0, 3));
+    assert_eq!(
+        (state.global_step, state.epoch, state.batch_in_epoch),
+        (3, 0, 3)
+    );
     let mut b = vq_trainer(99); // a different init: everything must come from the checkpoint
     b.load_state(&sd).unwrap();
     run_fit(&mut b, &run_b, 6, &mut state);
@@ -156,13 +200,19 @@ fn vqgan_resume_equals_uninterrupted_run() {
     for (k, v) in &wa {
         assert_eq!(v, &wb[k], "{k} differs after resume");
     }
-    assert!(wa.keys().any(|k| k.starts_with("optimizer_states.1.exp_avg.")), "discriminator moments saved");
+    assert!(
+        wa.keys()
+            .any(|k| k.starts_with("optimizer_states.1.exp_avg.")),
+        "discriminator moments saved"
+    );
     // metrics.csv tells one history: steps 1..=6 once each
     let (_, rows) = train::run::read_metrics(&run_b.metrics_csv()).unwrap();
     let steps: Vec<f64> = rows.iter().map(|r| r[0]).collect();
     assert_eq!(steps, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
     // image logging at the reference's cadence (1, 2, 4)
-    let imgs = std::fs::read_dir(run_a.images_dir().join("train")).unwrap().count();
+    let imgs = std::fs::read_dir(run_a.images_dir().join("train"))
+        .unwrap()
+        .count();
     assert_eq!(imgs, 3 * 2);
 }
 
@@ -171,10 +221,17 @@ fn vqgan_training_lowers_the_reconstruction_loss() {
     let tmp = tempfile::tempdir().unwrap();
     let run = RunDir::create(tmp.path(), "fit", VQGAN).unwrap();
     let mut t = vq_trainer_no_gan(1);
-    let data = Toy { n: 8, batch: 2, size: 16 };
+    let data = Toy {
+        n: 8,
+        batch: 2,
+        size: 16,
+    };
     let first = data.epoch(0, 0).next().unwrap().unwrap();
     let before = t.validate(&first).unwrap()["val/rec_loss"];
-    let mut state = TrainState { seed: 1, ..Default::default() };
+    let mut state = TrainState {
+        seed: 1,
+        ..Default::default()
+    };
     run_fit(&mut t, &run, 40, &mut state);
     let after = t.validate(&first).unwrap()["val/rec_loss"];
     assert!(after < 0.7 * before, "rec loss {before} -> {after}");
@@ -186,7 +243,8 @@ fn transformer_training_lowers_the_loss_and_checkpoint_samples() {
     // a frozen first stage: a fresh tiny VQGAN, saved as a training checkpoint
     let vq = vq_trainer(5);
     let vq_path = tmp.path().join("vq.safetensors");
-    train::run::save_checkpoint(&vq_path, vq.state_tensors().unwrap(), TrainState::default()).unwrap();
+    train::run::save_checkpoint(&vq_path, vq.state_tensors().unwrap(), TrainState::default())
+        .unwrap();
     let first_stage = VQGAN.replace("model:\n", "").replace("\n  ", "\n      ");
     let yaml = format!(
         r#"
@@ -204,25 +262,39 @@ model:
     );
     let yaml = yaml.replace(
         "      params:\n        embed_dim",
-        &format!("      params:\n        ckpt_path: {}\n        embed_dim", vq_path.display()),
+        &format!(
+            "      params:\n        ckpt_path: {}\n        embed_dim",
+            vq_path.display()
+        ),
     );
-    let cfg = match ProjectConfig::from_yaml_str(&yaml, "tiny_gpt.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}")).model {
+    let cfg = match ProjectConfig::from_yaml_str(&yaml, "tiny_gpt.yaml")
+        .unwrap_or_else(|e| panic!("{e}\n{yaml}"))
+        .model
+    {
         ModelConfig::Transformer(c) => c,
         _ => unreachable!(),
     };
     let mut t = train::gpt::GptTrainer::new(&cfg, None, 3e-3, 7, 2, &Device::Cpu).unwrap();
-    let data = Toy { n: 8, batch: 2, size: 16 };
+    let data = Toy {
+        n: 8,
+        batch: 2,
+        size: 16,
+    };
     let first = data.epoch(0, 0).next().unwrap().unwrap();
     let before = t.validate(&first).unwrap()["val/loss"];
     let run = RunDir::create(tmp.path(), "gpt", &yaml).unwrap();
-    let mut state = TrainState { seed: 7, ..Default::default() };
+    let mut state = TrainState {
+        seed: 7,
+        ..Default::default()
+    };
     run_fit(&mut t, &run, 30, &mut state);
     let after = t.validate(&first).unwrap()["val/loss"];
     assert!(after < before - 0.3, "cross-entropy {before} -> {after}");
     // the checkpoint loads as a reference-style Net2NetTransformer and samples
     let sd = taming::checkpoint::StateDict::load(run.last_checkpoint()).unwrap();
     let (model, report) =
-        taming::cond_transformer::Net2NetTransformer::load(&cfg, &sd, DType::F32, &Device::Cpu).unwrap();
+        taming::cond_transformer::Net2NetTransformer::load(&cfg, &sd, DType::F32, &Device::Cpu)
+            .unwrap();
     assert!(report.unexpected.is_empty(), "{:?}", report.unexpected);
     let req = taming::pipeline::SampleRequest {
         condition: taming::pipeline::Condition::None,
@@ -231,6 +303,7 @@ model:
         batch: 1,
         options: Default::default(),
     };
-    let out = taming::pipeline::sample(&model, &req, &mut |_| taming::sampling::Control::Continue).unwrap();
+    let out = taming::pipeline::sample(&model, &req, &mut |_| taming::sampling::Control::Continue)
+        .unwrap();
     assert_eq!(out.images.unwrap().dims(), [1, 3, 16, 16]);
 }

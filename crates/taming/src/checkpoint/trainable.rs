@@ -14,7 +14,12 @@ use crate::{Error, Result};
 
 /// The float tensors of `sd` (those under `prefix`, with the prefix stripped) as variables of
 /// `dtype` on `device`. Integer tensors (e.g. BatchNorm's `num_batches_tracked`) are left out.
-pub fn varmap_from_state_dict(sd: &StateDict, prefix: Option<&str>, dtype: DType, device: &Device) -> Result<VarMap> {
+pub fn varmap_from_state_dict(
+    sd: &StateDict,
+    prefix: Option<&str>,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarMap> {
     let map = VarMap::new();
     {
         let mut data = map
@@ -82,7 +87,9 @@ mod tests {
         assert_eq!(a.to_vec1::<f32>()?, [1.0, 2.0]);
         require_loaded(&map, &sd, Some("m."))?;
         let _ = vb.get(3, "b")?; // created fresh: the checkpoint lacks it
-        let e = require_loaded(&map, &sd, Some("m.")).unwrap_err().to_string();
+        let e = require_loaded(&map, &sd, Some("m."))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("m.b") && e.contains("ck.safetensors"), "{e}");
         // a wrong shape is refused, naming the variable
         let e = vb.get(3, "a").unwrap_err().to_string();

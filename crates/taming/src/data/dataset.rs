@@ -104,8 +104,12 @@ fn config_error(key: &str, msg: impl Into<String>) -> Error {
 
 /// Reads a list file: (1-based line number, trimmed line) of its non-blank lines.
 fn read_list(list: &Path, key: &str) -> Result<Vec<(usize, String)>> {
-    let text = std::fs::read_to_string(list)
-        .map_err(|e| config_error(key, format!("cannot read the list file {}: {e}", list.display())))?;
+    let text = std::fs::read_to_string(list).map_err(|e| {
+        config_error(
+            key,
+            format!("cannot read the list file {}: {e}", list.display()),
+        )
+    })?;
     let lines: Vec<(usize, String)> = text
         .lines()
         .enumerate()
@@ -257,7 +261,11 @@ impl Part {
                 if examples.is_empty() {
                     return Err(config_error(
                         &format!("{key}.params.root"),
-                        format!("no image ({}) under {}", IMAGE_EXTENSIONS.join(", "), root.display()),
+                        format!(
+                            "no image ({}) under {}",
+                            IMAGE_EXTENSIONS.join(", "),
+                            root.display()
+                        ),
                     ));
                 }
                 (Kind::Image, examples)
@@ -352,7 +360,11 @@ fn filter(r: Resample) -> FilterType {
 
 /// `SmallestMaxSize(size)` with `resample` (through [`image_io::resize_smallest_side`] for the
 /// filters it knows).
-fn rescale<P>(img: &ImageBuffer<P, Vec<P::Subpixel>>, size: u32, resample: Resample) -> ImageBuffer<P, Vec<P::Subpixel>>
+fn rescale<P>(
+    img: &ImageBuffer<P, Vec<P::Subpixel>>,
+    size: u32,
+    resample: Resample,
+) -> ImageBuffer<P, Vec<P::Subpixel>>
 where
     P: image::Pixel + 'static,
     P::Subpixel: 'static,
@@ -457,13 +469,25 @@ fn load_example<R: Rng>(
         image = image_io::crop(&image, origin, size, size).map_err(fatal)?;
         if let (Some(l), Some(p)) = (&labels, &ex.aux) {
             if l.dimensions() != (w, h) {
-                return Err(mismatch(&ex.image, (w, h), p, l.dimensions(), " after rescaling"));
+                return Err(mismatch(
+                    &ex.image,
+                    (w, h),
+                    p,
+                    l.dimensions(),
+                    " after rescaling",
+                ));
             }
             labels = Some(image_io::crop(l, origin, size, size).map_err(fatal)?);
         }
         if let (Some(d), Some(p)) = (&depth, &ex.aux) {
             if d.dimensions() != (w, h) {
-                return Err(mismatch(&ex.image, (w, h), p, d.dimensions(), " after rescaling"));
+                return Err(mismatch(
+                    &ex.image,
+                    (w, h),
+                    p,
+                    d.dimensions(),
+                    " after rescaling",
+                ));
             }
             depth = Some(image_io::crop(d, origin, size, size).map_err(fatal)?);
         }
@@ -507,7 +531,9 @@ impl Dataset {
             parts.push(part);
         }
         if parts.is_empty() {
-            return Err(Error::invalid("a dataset needs at least one dataset config"));
+            return Err(Error::invalid(
+                "a dataset needs at least one dataset config",
+            ));
         }
         let mut starts = Vec::with_capacity(parts.len());
         let mut len = 0;
@@ -555,11 +581,17 @@ impl Dataset {
 
     /// The class folder names of every image-folder block, in label order (empty otherwise).
     pub fn class_names(&self) -> Vec<String> {
-        self.parts.iter().flat_map(|p| p.classes.iter().cloned()).collect()
+        self.parts
+            .iter()
+            .flat_map(|p| p.classes.iter().cloned())
+            .collect()
     }
 
     fn locate(&self, index: usize) -> Option<(&Part, &Example)> {
-        let i = self.starts.partition_point(|&s| s <= index).checked_sub(1)?;
+        let i = self
+            .starts
+            .partition_point(|&s| s <= index)
+            .checked_sub(1)?;
         let part = self.parts.get(i)?;
         Some((part, part.examples.get(index - self.starts[i])?))
     }
@@ -570,7 +602,11 @@ impl Dataset {
     }
 
     /// Decodes and augments example `index` with randomness from `rng`.
-    pub fn load<R: Rng>(&self, index: usize, rng: &mut R) -> std::result::Result<Sample, LoadError> {
+    pub fn load<R: Rng>(
+        &self,
+        index: usize,
+        rng: &mut R,
+    ) -> std::result::Result<Sample, LoadError> {
         let (part, ex) = self.locate(index).ok_or_else(|| {
             LoadError::Fatal(Error::invalid(format!(
                 "example {index} out of range (the dataset has {})",
@@ -584,7 +620,9 @@ impl Dataset {
 fn describe(kind: Kind, class_label: bool) -> String {
     let mut s = match kind {
         Kind::Image => "image".to_string(),
-        Kind::Segmentation { n_labels, .. } => format!("image + segmentation with {n_labels} labels"),
+        Kind::Segmentation { n_labels, .. } => {
+            format!("image + segmentation with {n_labels} labels")
+        }
         Kind::Depth => "image + depth".to_string(),
     };
     if class_label {
@@ -634,12 +672,15 @@ pub fn collate(samples: &[Sample], kind: Kind) -> Result<Batch> {
             };
             let mut onehots = Vec::with_capacity(samples.len());
             for s in samples {
-                let labels = s
-                    .labels
-                    .as_ref()
-                    .ok_or_else(|| Error::invalid(format!("{}: no segmentation decoded", s.image_path.display())))?;
+                let labels = s.labels.as_ref().ok_or_else(|| {
+                    Error::invalid(format!(
+                        "{}: no segmentation decoded",
+                        s.image_path.display()
+                    ))
+                })?;
                 let origin = s.aux_path.as_deref().unwrap_or(&s.image_path);
-                let (_, onehot) = image_io::labels_to_onehot(labels, n_labels, shift, origin, &cpu)?; // (1, n_labels, H, W)
+                let (_, onehot) =
+                    image_io::labels_to_onehot(labels, n_labels, shift, origin, &cpu)?; // (1, n_labels, H, W)
                 onehots.push(onehot);
             }
             batch.insert("segmentation".to_string(), Tensor::cat(&onehots, 0)?);
@@ -648,14 +689,17 @@ pub fn collate(samples: &[Sample], kind: Kind) -> Result<Batch> {
         Kind::Depth => {
             let mut maps = Vec::with_capacity(samples.len());
             for s in samples {
-                let d = s
-                    .depth
-                    .as_ref()
-                    .ok_or_else(|| Error::invalid(format!("{}: no depth map decoded", s.image_path.display())))?;
+                let d = s.depth.as_ref().ok_or_else(|| {
+                    Error::invalid(format!("{}: no depth map decoded", s.image_path.display()))
+                })?;
                 let (w, h) = d.dimensions();
                 // the second half of `preprocess_depth`: [0, 1] to [-1, 1]
                 let vals: Vec<f32> = d.as_raw().iter().map(|&u| 2.0 * u - 1.0).collect();
-                maps.push(Tensor::from_vec(vals, (1, 1, h as usize, w as usize), &cpu)?);
+                maps.push(Tensor::from_vec(
+                    vals,
+                    (1, 1, h as usize, w as usize),
+                    &cpu,
+                )?);
                 // (1, 1, H, W)
             }
             batch.insert("depth".to_string(), Tensor::cat(&maps, 0)?); // (B, 1, H, W)
@@ -664,7 +708,10 @@ pub fn collate(samples: &[Sample], kind: Kind) -> Result<Batch> {
     if samples.iter().all(|s| s.class_label.is_some()) {
         let labels: Vec<u32> = samples.iter().filter_map(|s| s.class_label).collect();
         let n = labels.len();
-        batch.insert("class_label".to_string(), Tensor::from_vec(labels, n, &cpu)?);
+        batch.insert(
+            "class_label".to_string(),
+            Tensor::from_vec(labels, n, &cpu)?,
+        );
         // (B,)
     }
     Ok(batch)
@@ -694,7 +741,10 @@ mod tests {
         let e = collate(&[s("a.png", 4), s("b.png", 5)], Kind::Image)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("a.png") && e.contains("b.png") && e.contains("size"), "{e}");
+        assert!(
+            e.contains("a.png") && e.contains("b.png") && e.contains("size"),
+            "{e}"
+        );
     }
 
     #[test]

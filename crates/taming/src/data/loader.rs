@@ -104,11 +104,19 @@ pub struct Batches {
 impl Loader {
     /// A loader over `dataset`; `num_workers` is capped at the available cores (0: decode on the
     /// consuming thread, no prefetch).
-    pub fn new(dataset: Arc<Dataset>, batch_size: usize, num_workers: usize, shuffle: bool, seed: u64) -> Result<Self> {
+    pub fn new(
+        dataset: Arc<Dataset>,
+        batch_size: usize,
+        num_workers: usize,
+        shuffle: bool,
+        seed: u64,
+    ) -> Result<Self> {
         if batch_size == 0 {
             return Err(Error::invalid("batch_size must be at least 1"));
         }
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         Ok(Self {
             dataset,
             batch_size,
@@ -198,7 +206,11 @@ impl Loader {
                 Ok(Err(LoadError::Unreadable { path, reason })) => self.skips.record(path, &reason),
                 Ok(Err(LoadError::Fatal(e))) => return Err(e),
                 Err(_) => {
-                    let path = self.dataset.example(i).map(|e| e.image.clone()).unwrap_or_default();
+                    let path = self
+                        .dataset
+                        .example(i)
+                        .map(|e| e.image.clone())
+                        .unwrap_or_default();
                     self.skips.record(path, "the decoder panicked");
                 }
             }
@@ -249,7 +261,14 @@ impl Loader {
         Pool { shared, threads }
     }
 
-    fn work(&self, epoch: u64, end: usize, window: usize, order: &[usize], shared: &(Mutex<PoolState>, Condvar)) {
+    fn work(
+        &self,
+        epoch: u64,
+        end: usize,
+        window: usize,
+        order: &[usize],
+        shared: &(Mutex<PoolState>, Condvar),
+    ) {
         let (m, cv) = shared;
         loop {
             let b = {
@@ -268,11 +287,12 @@ impl Loader {
             };
             let lo = (b * self.batch_size).min(order.len());
             let hi = (lo + self.batch_size).min(order.len());
-            let result = catch_unwind(AssertUnwindSafe(|| self.build(epoch, &order[lo..hi]))).unwrap_or_else(|_| {
-                Err(Error::invalid(format!(
-                    "a data worker panicked on batch {b} of epoch {epoch}"
-                )))
-            });
+            let result = catch_unwind(AssertUnwindSafe(|| self.build(epoch, &order[lo..hi])))
+                .unwrap_or_else(|_| {
+                    Err(Error::invalid(format!(
+                        "a data worker panicked on batch {b} of epoch {epoch}"
+                    )))
+                });
             let mut st = lock(m);
             if st.cancelled {
                 return;

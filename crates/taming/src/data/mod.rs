@@ -44,7 +44,10 @@ pub struct DataModule {
 }
 
 fn build(specs: &Option<Vec<DatasetSpec>>) -> Result<Option<Arc<Dataset>>> {
-    specs.as_deref().map(|s| Dataset::build(s).map(Arc::new)).transpose()
+    specs
+        .as_deref()
+        .map(|s| Dataset::build(s).map(Arc::new))
+        .transpose()
 }
 
 impl DataModule {
@@ -62,12 +65,24 @@ impl DataModule {
         &self.cfg
     }
 
-    fn loader(&self, split: &Option<Arc<Dataset>>, name: &str, shuffle: bool, seed: u64) -> Result<Loader> {
+    fn loader(
+        &self,
+        split: &Option<Arc<Dataset>>,
+        name: &str,
+        shuffle: bool,
+        seed: u64,
+    ) -> Result<Loader> {
         let ds = split.as_ref().ok_or_else(|| Error::Config {
             origin: format!("data.params.{name}"),
             msg: format!("the config has no `{name}` dataset"),
         })?;
-        Loader::new(ds.clone(), self.cfg.batch_size, self.cfg.num_workers, shuffle, seed)
+        Loader::new(
+            ds.clone(),
+            self.cfg.batch_size,
+            self.cfg.num_workers,
+            shuffle,
+            seed,
+        )
     }
 
     /// Training batches: shuffled, random augmentations as configured, all seeded by `seed`.

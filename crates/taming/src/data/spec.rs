@@ -214,7 +214,10 @@ impl<'a> Params<'a> {
                 } else {
                     match n.as_f64() {
                         Some(f) if f.fract() == 0.0 && f.abs() < 9e15 => Ok(Some(f as i64)),
-                        _ => Err(err(&self.path(name), format!("expected an integer, got {n}"))),
+                        _ => Err(err(
+                            &self.path(name),
+                            format!("expected an integer, got {n}"),
+                        )),
                     }
                 }
             }
@@ -229,7 +232,10 @@ impl<'a> Params<'a> {
         match self.int(name)? {
             None => Ok(None),
             Some(i) if i >= 0 => Ok(Some(i as usize)),
-            Some(i) => Err(err(&self.path(name), format!("must not be negative, got {i}"))),
+            Some(i) => Err(err(
+                &self.path(name),
+                format!("must not be negative, got {i}"),
+            )),
         }
     }
 
@@ -269,13 +275,18 @@ impl<'a> Params<'a> {
     }
 
     fn path_or(&self, name: &str, default: &str) -> Result<PathBuf> {
-        Ok(PathBuf::from(self.string(name)?.unwrap_or_else(|| default.to_string())))
+        Ok(PathBuf::from(
+            self.string(name)?.unwrap_or_else(|| default.to_string()),
+        ))
     }
 
     fn required_path(&self, name: &str, owner: &str) -> Result<PathBuf> {
-        self.string(name)?
-            .map(PathBuf::from)
-            .ok_or_else(|| err(&self.path(name), format!("missing: a required parameter of {owner}")))
+        self.string(name)?.map(PathBuf::from).ok_or_else(|| {
+            err(
+                &self.path(name),
+                format!("missing: a required parameter of {owner}"),
+            )
+        })
     }
 
     fn interpolation(&self, name: &str) -> Result<Resample> {
@@ -297,7 +308,10 @@ impl DatasetSpec {
         let Value::Object(block) = value else {
             return Err(err(
                 key,
-                format!("expected a dataset config {{target, params}}, got {}", type_name(value)),
+                format!(
+                    "expected a dataset config {{target, params}}, got {}",
+                    type_name(value)
+                ),
             ));
         };
         for k in block.keys() {
@@ -427,7 +441,8 @@ impl DatasetSpec {
                     Source::Segmentation {
                         data_csv: p.path_or("data_csv", &format!("data/{name}_examples.txt"))?,
                         data_root: p.path_or("data_root", &format!("data/{name}_images"))?,
-                        segmentation_root: p.path_or("segmentation_root", &format!("data/{name}_segmentations"))?,
+                        segmentation_root: p
+                            .path_or("segmentation_root", &format!("data/{name}_segmentations"))?,
                         n_labels,
                         shift_segmentation: shift,
                     },
@@ -444,7 +459,14 @@ impl DatasetSpec {
                     params,
                     &pkey,
                     t,
-                    &["data_csv", "data_root", "depth_root", "size", "random_crop", "flip"],
+                    &[
+                        "data_csv",
+                        "data_root",
+                        "depth_root",
+                        "size",
+                        "random_crop",
+                        "flip",
+                    ],
                 )?;
                 (
                     Source::Depth {
@@ -466,7 +488,14 @@ impl DatasetSpec {
                     params,
                     &pkey,
                     t,
-                    &["data_csv", "data_root", "depth_root", "size", "random_crop", "flip"],
+                    &[
+                        "data_csv",
+                        "data_root",
+                        "depth_root",
+                        "size",
+                        "random_crop",
+                        "flip",
+                    ],
                 )?;
                 let random_crop = p.bool("random_crop", false)?;
                 (
@@ -543,7 +572,9 @@ impl DataConfig {
         tree.merge_yaml_str(yaml, origin)?;
         let raw = tree.resolve()?;
         match raw.get("data") {
-            None | Some(Value::Null) => Err(err("data", format!("{origin} has no `data:` section"))),
+            None | Some(Value::Null) => {
+                Err(err("data", format!("{origin} has no `data:` section")))
+            }
             Some(v) => Self::from_value(v),
         }
     }
@@ -553,12 +584,18 @@ impl DataConfig {
         let Value::Object(block) = data else {
             return Err(err(
                 "data",
-                format!("expected a mapping {{target, params}}, got {}", type_name(data)),
+                format!(
+                    "expected a mapping {{target, params}}, got {}",
+                    type_name(data)
+                ),
             ));
         };
         for k in block.keys() {
             if k != "target" && k != "params" {
-                return Err(err(&format!("data.{k}"), "unknown key (known: target, params)"));
+                return Err(err(
+                    &format!("data.{k}"),
+                    "unknown key (known: target, params)",
+                ));
             }
         }
         match block.get("target") {
@@ -566,16 +603,31 @@ impl DataConfig {
             Some(other) => {
                 return Err(err(
                     "data.target",
-                    format!("unsupported data module {}; supported: {DATA_MODULE}", type_name(other)),
+                    format!(
+                        "unsupported data module {}; supported: {DATA_MODULE}",
+                        type_name(other)
+                    ),
                 ))
             }
-            None => return Err(err("data.target", format!("missing (expected {DATA_MODULE})"))),
+            None => {
+                return Err(err(
+                    "data.target",
+                    format!("missing (expected {DATA_MODULE})"),
+                ))
+            }
         }
         let p = Params::new(
             block.get("params"),
             "data.params",
             DATA_MODULE,
-            &["batch_size", "train", "validation", "test", "wrap", "num_workers"],
+            &[
+                "batch_size",
+                "train",
+                "validation",
+                "test",
+                "wrap",
+                "num_workers",
+            ],
         )?;
         let batch_size = p.usize("batch_size")?.ok_or_else(|| {
             err(
@@ -591,7 +643,9 @@ impl DataConfig {
         let section = |name: &str| -> Result<Option<Vec<DatasetSpec>>> {
             match p.get(name) {
                 None => Ok(None),
-                Some(v) => DatasetSpec::list_from_value(v, &format!("data.params.{name}")).map(Some),
+                Some(v) => {
+                    DatasetSpec::list_from_value(v, &format!("data.params.{name}")).map(Some)
+                }
             }
         };
         Ok(Self {
@@ -673,7 +727,9 @@ mod tests {
         assert_eq!(s.transform.interpolation, Resample::Lanczos);
         match &s.source {
             Source::Segmentation {
-                data_root, n_labels, ..
+                data_root,
+                n_labels,
+                ..
             } => {
                 assert_eq!(data_root, &PathBuf::from("x/imgs"));
                 assert_eq!(*n_labels, 182);
@@ -690,7 +746,12 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let msg = |v: Value| DataConfig::from_value(&v).map(|_| ()).unwrap_err().to_string();
+        let msg = |v: Value| {
+            DataConfig::from_value(&v)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
         let m = msg(data(
             json!({"target": CUSTOM_TRAIN, "params": {"training_images_list_file": "t", "sizee": 2}}),
         ));
@@ -703,7 +764,9 @@ mod tests {
             m.contains("data.params.train.target") && m.contains("taming.data.nope.Nope"),
             "{m}"
         );
-        let m = msg(data(json!([{"target": CUSTOM_TRAIN, "params": {"size": 1}}])));
+        let m = msg(data(
+            json!([{"target": CUSTOM_TRAIN, "params": {"size": 1}}]),
+        ));
         assert!(
             m.contains("data.params.train.0.params.training_images_list_file: missing"),
             "{m}"
@@ -711,7 +774,10 @@ mod tests {
         let m = msg(json!({"target": DATA_MODULE, "params": {"train": null}}));
         assert!(m.contains("data.params.batch_size"), "{m}");
         let m = msg(json!({"target": DATA_MODULE, "params": {"batch_size": "4"}}));
-        assert!(m.contains("data.params.batch_size") && m.contains("\"4\""), "{m}");
+        assert!(
+            m.contains("data.params.batch_size") && m.contains("\"4\""),
+            "{m}"
+        );
         let m = msg(json!({"target": DATA_MODULE, "params": {"batch_size": 4, "shuffle": true}}));
         assert!(
             m.contains("data.params.shuffle: unknown parameter of main.DataModuleFromConfig"),

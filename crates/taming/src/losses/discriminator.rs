@@ -35,9 +35,22 @@ pub enum NormKind {
 
 #[derive(Debug)]
 enum Layer {
-    Conv { weight: Tensor, bias: Option<Tensor>, stride: usize },
-    BatchNorm { weight: Tensor, bias: Tensor, running_mean: Var, running_var: Var },
-    ActNorm { loc: Var, scale: Var, initialized: AtomicBool },
+    Conv {
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+    },
+    BatchNorm {
+        weight: Tensor,
+        bias: Tensor,
+        running_mean: Var,
+        running_var: Var,
+    },
+    ActNorm {
+        loc: Var,
+        scale: Var,
+        initialized: AtomicBool,
+    },
     LeakyRelu,
 }
 
@@ -54,7 +67,18 @@ pub struct NLayerDiscriminator {
 
 /// Parameter names and shapes of the discriminator, in Sequential order.
 fn layout(input_nc: usize, ndf: usize, n_layers: usize, norm: NormKind) -> Vec<(usize, LayerSpec)> {
-    let mut v = vec![(0, LayerSpec::Conv { cin: input_nc, cout: ndf, stride: 2, bias: true }), (1, LayerSpec::LeakyRelu)];
+    let mut v = vec![
+        (
+            0,
+            LayerSpec::Conv {
+                cin: input_nc,
+                cout: ndf,
+                stride: 2,
+                bias: true,
+            },
+        ),
+        (1, LayerSpec::LeakyRelu),
+    ];
     let mut idx = 2;
     let mut mult = 1;
     // BatchNorm has affine parameters, so the reference drops the conv bias; ActNorm keeps it
@@ -63,19 +87,42 @@ fn layout(input_nc: usize, ndf: usize, n_layers: usize, norm: NormKind) -> Vec<(
         let prev = mult;
         mult = (1 << n).min(8);
         let stride = if n < n_layers { 2 } else { 1 };
-        v.push((idx, LayerSpec::Conv { cin: ndf * prev, cout: ndf * mult, stride, bias }));
+        v.push((
+            idx,
+            LayerSpec::Conv {
+                cin: ndf * prev,
+                cout: ndf * mult,
+                stride,
+                bias,
+            },
+        ));
         v.push((idx + 1, LayerSpec::Norm { c: ndf * mult }));
         v.push((idx + 2, LayerSpec::LeakyRelu));
         idx += 3;
     }
-    v.push((idx, LayerSpec::Conv { cin: ndf * mult, cout: 1, stride: 1, bias: true }));
+    v.push((
+        idx,
+        LayerSpec::Conv {
+            cin: ndf * mult,
+            cout: 1,
+            stride: 1,
+            bias: true,
+        },
+    ));
     v
 }
 
 #[derive(Debug, Clone, Copy)]
 enum LayerSpec {
-    Conv { cin: usize, cout: usize, stride: usize, bias: bool },
-    Norm { c: usize },
+    Conv {
+        cin: usize,
+        cout: usize,
+        stride: usize,
+        bias: bool,
+    },
+    Norm {
+        c: usize,
+    },
     LeakyRelu,
 }
 
@@ -98,7 +145,9 @@ impl NLayerDiscriminator {
         device: &Device,
     ) -> Result<Self> {
         let varmap = match sd {
-            Some(sd) => crate::checkpoint::trainable::varmap_from_state_dict(sd, None, DType::F32, device)?,
+            Some(sd) => {
+                crate::checkpoint::trainable::varmap_from_state_dict(sd, None, DType::F32, device)?
+            }
             None => VarMap::new(),
         };
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
@@ -111,7 +160,12 @@ impl NLayerDiscriminator {
             let p = format!("main.{i}");
             let v = vb.pp(&p);
             let layer = match spec {
-                LayerSpec::Conv { cin, cout, stride, bias } => {
+                LayerSpec::Conv {
+                    cin,
+                    cout,
+                    stride,
+                    bias,
+                } => {
                     let weight = v.get_with_hints((cout, cin, 4, 4), "weight", Init::Const(0.0))?;
                     params.push(format!("{p}.weight"));
                     let b = if bias {
@@ -120,7 +174,11 @@ impl NLayerDiscriminator {
                     } else {
                         None
                     };
-                    Layer::Conv { weight, bias: b, stride }
+                    Layer::Conv {
+                        weight,
+                        bias: b,
+                        stride,
+                    }
                 }
                 LayerSpec::Norm { c } => match norm {
                     NormKind::BatchNorm => {
@@ -132,11 +190,16 @@ impl NLayerDiscriminator {
                         v.get_with_hints(c, "running_var", Init::Const(1.0))?;
                         let data = varmap.data().lock().map_err(|_| lock_err())?;
                         let get = |k: &str| {
-                            data.get(&format!("{p}.{k}"))
-                                .cloned()
-                                .ok_or_else(|| Error::invalid(format!("discriminator buffer {p}.{k} missing")))
+                            data.get(&format!("{p}.{k}")).cloned().ok_or_else(|| {
+                                Error::invalid(format!("discriminator buffer {p}.{k} missing"))
+                            })
                         };
-                        Layer::BatchNorm { weight, bias, running_mean: get("running_mean")?, running_var: get("running_var")? }
+                        Layer::BatchNorm {
+                            weight,
+                            bias,
+                            running_mean: get("running_mean")?,
+                            running_var: get("running_var")?,
+                        }
                     }
                     NormKind::ActNorm => {
                         v.get_with_hints((1, c, 1, 1), "loc", Init::Const(0.0))?;
@@ -145,15 +208,26 @@ impl NLayerDiscriminator {
                         params.push(format!("{p}.scale"));
                         let done = sd
                             .and_then(|s| s.get(&format!("{p}.initialized")))
-                            .and_then(|t| t.to_dtype(DType::F32).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok())
+                            .and_then(|t| {
+                                t.to_dtype(DType::F32)
+                                    .ok()?
+                                    .flatten_all()
+                                    .ok()?
+                                    .to_vec1::<f32>()
+                                    .ok()
+                            })
                             .is_some_and(|v| v.first().is_some_and(|x| *x != 0.0));
                         let data = varmap.data().lock().map_err(|_| lock_err())?;
                         let get = |k: &str| {
-                            data.get(&format!("{p}.{k}"))
-                                .cloned()
-                                .ok_or_else(|| Error::invalid(format!("discriminator parameter {p}.{k} missing")))
+                            data.get(&format!("{p}.{k}")).cloned().ok_or_else(|| {
+                                Error::invalid(format!("discriminator parameter {p}.{k} missing"))
+                            })
                         };
-                        Layer::ActNorm { loc: get("loc")?, scale: get("scale")?, initialized: AtomicBool::new(done) }
+                        Layer::ActNorm {
+                            loc: get("loc")?,
+                            scale: get("scale")?,
+                            initialized: AtomicBool::new(done),
+                        }
                     }
                 },
                 LayerSpec::LeakyRelu => Layer::LeakyRelu,
@@ -170,7 +244,9 @@ impl NLayerDiscriminator {
             for (i, spec) in layout(input_nc, ndf, n_layers, norm) {
                 let p = format!("main.{i}");
                 match spec {
-                    LayerSpec::Conv { cin, cout, bias, .. } => {
+                    LayerSpec::Conv {
+                        cin, cout, bias, ..
+                    } => {
                         let n = cout * cin * 16;
                         if let Some(w) = data.get(&format!("{p}.weight")) {
                             fresh.push((w.clone(), normal(&mut rng, n, 0.0, 0.02)));
@@ -195,8 +271,20 @@ impl NLayerDiscriminator {
             var.set(&Tensor::from_vec(values, var.shape(), device)?)?;
         }
         let tracked = sd
-            .and_then(|s| s.tensors().iter().find(|(k, _)| k.ends_with("num_batches_tracked")).map(|(_, t)| t.clone()))
-            .and_then(|t| t.to_dtype(DType::F64).ok()?.flatten_all().ok()?.to_vec1::<f64>().ok())
+            .and_then(|s| {
+                s.tensors()
+                    .iter()
+                    .find(|(k, _)| k.ends_with("num_batches_tracked"))
+                    .map(|(_, t)| t.clone())
+            })
+            .and_then(|t| {
+                t.to_dtype(DType::F64)
+                    .ok()?
+                    .flatten_all()
+                    .ok()?
+                    .to_vec1::<f64>()
+                    .ok()
+            })
             .and_then(|v| v.first().copied())
             .unwrap_or(0.0);
         Ok(Self {
@@ -219,7 +307,11 @@ impl NLayerDiscriminator {
         let data = self.varmap.data().lock().map_err(|_| lock_err())?;
         self.params
             .iter()
-            .map(|k| data.get(k).cloned().ok_or_else(|| Error::invalid(format!("discriminator parameter {k} missing"))))
+            .map(|k| {
+                data.get(k)
+                    .cloned()
+                    .ok_or_else(|| Error::invalid(format!("discriminator parameter {k} missing")))
+            })
             .collect()
     }
 
@@ -237,7 +329,10 @@ impl NLayerDiscriminator {
             match l {
                 Layer::BatchNorm { .. } => {
                     let n = self.num_batches_tracked.load(Ordering::SeqCst) as i64;
-                    out.push((format!("main.{i}.num_batches_tracked"), Tensor::new(n, &dev)?));
+                    out.push((
+                        format!("main.{i}.num_batches_tracked"),
+                        Tensor::new(n, &dev)?,
+                    ));
                 }
                 Layer::ActNorm { initialized, .. } => {
                     let v = i64::from(initialized.load(Ordering::SeqCst));
@@ -260,7 +355,14 @@ impl NLayerDiscriminator {
             if let Layer::ActNorm { initialized, .. } = l {
                 let on = sd
                     .get(&format!("{prefix}main.{i}.initialized"))
-                    .and_then(|t| t.to_dtype(DType::F32).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok())
+                    .and_then(|t| {
+                        t.to_dtype(DType::F32)
+                            .ok()?
+                            .flatten_all()
+                            .ok()?
+                            .to_vec1::<f32>()
+                            .ok()
+                    })
                     .is_some_and(|v| v.first().is_some_and(|x| *x != 0.0));
                 initialized.store(on, Ordering::SeqCst);
             }
@@ -274,9 +376,14 @@ impl NLayerDiscriminator {
         let mut any_bn = false;
         for (_, layer) in &self.layers {
             h = match layer {
-                Layer::Conv { weight, bias, stride } => {
+                Layer::Conv {
+                    weight,
+                    bias,
+                    stride,
+                } => {
                     if im2col_supported(&h) {
-                        conv2d_im2col(&h, weight, bias.as_ref(), *stride, Padding::same(1))? // (B, C', H', W')
+                        conv2d_im2col(&h, weight, bias.as_ref(), *stride, Padding::same(1))?
+                    // (B, C', H', W')
                     } else {
                         let y = h.conv2d(weight, 1, *stride, 1, 1)?;
                         match bias {
@@ -285,16 +392,26 @@ impl NLayerDiscriminator {
                         }
                     }
                 }
-                Layer::BatchNorm { weight, bias, running_mean, running_var } => {
+                Layer::BatchNorm {
+                    weight,
+                    bias,
+                    running_mean,
+                    running_var,
+                } => {
                     any_bn = true;
                     batch_norm(&h, weight, bias, running_mean, running_var, training)?
                 }
-                Layer::ActNorm { loc, scale, initialized } => {
+                Layer::ActNorm {
+                    loc,
+                    scale,
+                    initialized,
+                } => {
                     if training && !initialized.load(Ordering::SeqCst) {
                         actnorm_init(&h, loc, scale)?;
                         initialized.store(true, Ordering::SeqCst);
                     }
-                    h.broadcast_add(loc.as_tensor())?.broadcast_mul(scale.as_tensor())?
+                    h.broadcast_add(loc.as_tensor())?
+                        .broadcast_mul(scale.as_tensor())?
                 }
                 Layer::LeakyRelu => candle_nn::ops::leaky_relu(&h, 0.2)?,
             };
@@ -307,25 +424,42 @@ impl NLayerDiscriminator {
 }
 
 /// `BatchNorm2d` forward on (B, C, H, W).
-fn batch_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, rm: &Var, rv: &Var, training: bool) -> Result<Tensor> {
+fn batch_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    rm: &Var,
+    rv: &Var,
+    training: bool,
+) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let shape = (1, c, 1, 1);
     let (mean, var) = if training {
         let n = (b * h * w) as f64;
         let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?; // (1, C, 1, 1)
         let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?; // biased, (1, C, 1, 1)
-        // running statistics: momentum 0.1, unbiased variance
+        let var = xc
+            .sqr()?
+            .mean_keepdim(0)?
+            .mean_keepdim(2)?
+            .mean_keepdim(3)?; // biased, (1, C, 1, 1)
+                               // running statistics: momentum 0.1, unbiased variance
         let m = mean.detach().reshape(c)?;
         let unbiased = (var.detach().reshape(c)? * (n / (n - 1.0).max(1.0)))?;
         rm.set(&((rm.as_tensor() * (1.0 - BN_MOMENTUM))? + (m * BN_MOMENTUM)?)?)?;
         rv.set(&((rv.as_tensor() * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?)?;
         (mean, var)
     } else {
-        (rm.as_tensor().reshape(shape)?, rv.as_tensor().reshape(shape)?)
+        (
+            rm.as_tensor().reshape(shape)?,
+            rv.as_tensor().reshape(shape)?,
+        )
     };
-    let y = x.broadcast_sub(&mean)?.broadcast_div(&(var + BN_EPS)?.sqrt()?)?; // (B, C, H, W)
-    Ok(y.broadcast_mul(&weight.reshape(shape)?)?.broadcast_add(&bias.reshape(shape)?)?)
+    let y = x
+        .broadcast_sub(&mean)?
+        .broadcast_div(&(var + BN_EPS)?.sqrt()?)?; // (B, C, H, W)
+    Ok(y.broadcast_mul(&weight.reshape(shape)?)?
+        .broadcast_add(&bias.reshape(shape)?)?)
 }
 
 /// ActNorm's data-dependent initialisation: `loc = -mean`, `scale = 1 / (std + 1e-6)` per
@@ -333,7 +467,11 @@ fn batch_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, rm: &Var, rv: &Var, tr
 fn actnorm_init(x: &Tensor, loc: &Var, scale: &Var) -> Result<()> {
     let (b, c, h, w) = x.dims4()?;
     let n = (b * h * w) as f64;
-    let flat = x.detach().transpose(0, 1)?.contiguous()?.reshape((c, b * h * w))?; // (C, N)
+    let flat = x
+        .detach()
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((c, b * h * w))?; // (C, N)
     let mean = flat.mean_keepdim(1)?; // (C, 1)
     let var = (flat.broadcast_sub(&mean)?.sqr()?.sum_keepdim(1)? / (n - 1.0).max(1.0))?;
     let std = var.sqrt()?;
@@ -355,7 +493,9 @@ fn normal(rng: &mut ChaCha8Rng, n: usize, mean: f64, std: f64) -> Vec<f32> {
 
 fn uniform(rng: &mut ChaCha8Rng, n: usize, bound: f64) -> Vec<f32> {
     use rand::Rng;
-    (0..n).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect()
+    (0..n)
+        .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
+        .collect()
 }
 
 #[cfg(test)]
@@ -373,7 +513,16 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(convs, [(0, 3, 64), (2, 64, 128), (5, 128, 256), (8, 256, 512), (11, 512, 1)]);
+        assert_eq!(
+            convs,
+            [
+                (0, 3, 64),
+                (2, 64, 128),
+                (5, 128, 256),
+                (8, 256, 512),
+                (11, 512, 1)
+            ]
+        );
     }
 
     #[test]
@@ -383,13 +532,18 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &dev)?;
         let y1 = d.forward(&x)?;
         assert_eq!(y1.dims(), [2, 1, 6, 6]);
-        let rm = d.varmap().data().lock().unwrap()["main.3.running_mean"].as_tensor().to_vec1::<f32>()?;
+        let rm = d.varmap().data().lock().unwrap()["main.3.running_mean"]
+            .as_tensor()
+            .to_vec1::<f32>()?;
         assert!(rm.iter().any(|v| *v != 0.0));
         assert_eq!(d.extra_buffers()?[0].1.to_scalar::<i64>()?, 1);
         d.set_training(false);
         let e1 = d.forward(&x)?;
         let e2 = d.forward(&x)?;
-        assert_eq!(e1.flatten_all()?.to_vec1::<f32>()?, e2.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(
+            e1.flatten_all()?.to_vec1::<f32>()?,
+            e2.flatten_all()?.to_vec1::<f32>()?
+        );
         Ok(())
     }
 }

@@ -67,7 +67,10 @@ pub struct Lpips {
 impl Lpips {
     /// Reads the network from `vb` (rooted at the LPIPS module: `net.*`, `lin*`, `scaling_layer.*`).
     pub fn new(vb: VarBuilder) -> Result<Self> {
-        let cfg = Conv2dConfig { padding: 1, ..Default::default() };
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
         let convs = VGG_CONVS
             .iter()
             .map(|&(i, cin, cout)| {
@@ -78,10 +81,21 @@ impl Lpips {
         let lins = CHANNELS
             .iter()
             .enumerate()
-            .map(|(k, &c)| Ok(vb.pp(format!("lin{k}")).pp("model").pp(1).get((1, c, 1, 1), "weight")?))
+            .map(|(k, &c)| {
+                Ok(vb
+                    .pp(format!("lin{k}"))
+                    .pp("model")
+                    .pp(1)
+                    .get((1, c, 1, 1), "weight")?)
+            })
             .collect::<Result<Vec<_>>>()?;
         let sl = vb.pp("scaling_layer");
-        Ok(Self { convs, lins, shift: sl.get((1, 3, 1, 1), "shift")?, scale: sl.get((1, 3, 1, 1), "scale")? })
+        Ok(Self {
+            convs,
+            lins,
+            shift: sl.get((1, 3, 1, 1), "shift")?,
+            scale: sl.get((1, 3, 1, 1), "scale")?,
+        })
     }
 
     /// From a state dict holding the LPIPS keys under `prefix` (e.g. `loss.perceptual_loss.`).
@@ -118,7 +132,7 @@ impl Lpips {
                 h = max_pool2x2(&h)?; // (B, C, H/2, W/2)
             }
             h = conv(c, &h)?.relu()?; // (B, C', H, W)
-            // the last conv of each slice: 2, 7, 14, 21, 28
+                                      // the last conv of each slice: 2, 7, 14, 21, 28
             if matches!(k, 1 | 3 | 6 | 9 | 12) {
                 out.push(h.clone());
             }
@@ -174,12 +188,22 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 6, 8), &dev)?)?;
         let y = max_pool2x2(x.as_tensor())?;
         let want = x.as_tensor().max_pool2d(2)?;
-        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, want.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(
+            y.flatten_all()?.to_vec1::<f32>()?,
+            want.flatten_all()?.to_vec1::<f32>()?
+        );
         let g = y.sum_all()?.backward()?;
-        let gx = g.get(x.as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?;
+        let gx = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         // one 1 per 2x2 window, zeros elsewhere
         assert_eq!(gx.iter().filter(|v| **v == 1.0).count(), 2 * 3 * 3 * 4);
-        assert_eq!(gx.iter().filter(|v| **v == 0.0).count(), gx.len() - 2 * 3 * 3 * 4);
+        assert_eq!(
+            gx.iter().filter(|v| **v == 0.0).count(),
+            gx.len() - 2 * 3 * 3 * 4
+        );
         Ok(())
     }
 }

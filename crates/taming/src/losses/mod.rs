@@ -79,11 +79,15 @@ pub enum LossConfig {
 
 const ORIGIN: &str = "model.params.lossconfig";
 
-fn parse<T: serde::de::DeserializeOwned>(target: &str, params: &serde_json::Value) -> Result<(T, Vec<String>)> {
+fn parse<T: serde::de::DeserializeOwned>(
+    target: &str,
+    params: &serde_json::Value,
+) -> Result<(T, Vec<String>)> {
     let mut unknown = Vec::new();
     let mut track = serde_path_to_error::Track::new();
     let de = serde_path_to_error::Deserializer::new(params, &mut track);
-    let value: std::result::Result<T, _> = serde_ignored::deserialize(de, |p| unknown.push(p.to_string()));
+    let value: std::result::Result<T, _> =
+        serde_ignored::deserialize(de, |p| unknown.push(p.to_string()));
     let value = value.map_err(|e| Error::Config {
         origin: format!("{ORIGIN}.params.{}", track.path()),
         msg: format!("{e} (in the parameters of {target})"),
@@ -132,7 +136,10 @@ mod tests {
     use super::*;
 
     fn target(t: &str, params: serde_json::Value) -> TargetConfig {
-        TargetConfig { target: t.into(), params }
+        TargetConfig {
+            target: t.into(),
+            params,
+        }
     }
 
     #[test]
@@ -142,14 +149,29 @@ mod tests {
             serde_json::json!({"disc_start": 10, "disc_wieght": 0.8}),
         );
         let (c, w) = LossConfig::from_target(&t)?;
-        let LossConfig::VqLpips(c) = c else { panic!("{c:?}") };
-        assert_eq!((c.disc_start, c.disc_num_layers, c.disc_ndf, c.perceptual_weight), (10, 3, 64, 1.0));
+        let LossConfig::VqLpips(c) = c else {
+            panic!("{c:?}")
+        };
+        assert_eq!(
+            (
+                c.disc_start,
+                c.disc_num_layers,
+                c.disc_ndf,
+                c.perceptual_weight
+            ),
+            (10, 3, 64, 1.0)
+        );
         assert_eq!(c.disc_loss, "hinge");
         assert!(w[0].contains("disc_wieght"), "{w:?}");
-        let bad = target("taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator", serde_json::json!({}));
+        let bad = target(
+            "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+            serde_json::json!({}),
+        );
         let e = LossConfig::from_target(&bad).unwrap_err().to_string();
         assert!(e.contains("disc_start"), "{e}");
-        let e = LossConfig::from_target(&target("my.Loss", serde_json::json!({}))).unwrap_err().to_string();
+        let e = LossConfig::from_target(&target("my.Loss", serde_json::json!({})))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("my.Loss"), "{e}");
         Ok(())
     }

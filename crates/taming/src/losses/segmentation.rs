@@ -25,11 +25,18 @@ pub fn bce_with_logits(prediction: &Tensor, target: &Tensor) -> Result<Tensor> {
 
 impl BceWithQuant {
     pub fn new(cfg: &BceConfig) -> Self {
-        Self { codebook_weight: cfg.codebook_weight }
+        Self {
+            codebook_weight: cfg.codebook_weight,
+        }
     }
 
     /// `(loss, logs)` for quantizer loss `qloss`, one-hot `target` and logits `prediction`.
-    pub fn forward(&self, qloss: &Tensor, target: &Tensor, prediction: &Tensor) -> Result<(Tensor, Vec<(String, f32)>)> {
+    pub fn forward(
+        &self,
+        qloss: &Tensor,
+        target: &Tensor,
+        prediction: &Tensor,
+    ) -> Result<(Tensor, Vec<(String, f32)>)> {
         let bce = bce_with_logits(prediction, target)?;
         let q = qloss.mean_all()?;
         let loss = (&bce + (&q * self.codebook_weight)?)?;
@@ -60,7 +67,13 @@ mod tests {
         let want: f32 = xs
             .iter()
             .zip(ts)
-            .map(|(x, t)| if t == 1.0 { -(sig(*x).max(1e-30)).ln() } else { -(1.0 - sig(*x)).ln() })
+            .map(|(x, t)| {
+                if t == 1.0 {
+                    -(sig(*x).max(1e-30)).ln()
+                } else {
+                    -(1.0 - sig(*x)).ln()
+                }
+            })
             .sum::<f32>()
             / 4.0;
         assert!((got - want).abs() < 1e-4, "{got} {want}");

@@ -46,11 +46,18 @@ pub struct VqLoss {
 }
 
 fn scalar(t: &Tensor) -> Result<f32> {
-    Ok(t.to_dtype(DType::F32)?.flatten_all()?.mean(0)?.to_scalar::<f32>()?)
+    Ok(t.to_dtype(DType::F32)?
+        .flatten_all()?
+        .mean(0)?
+        .to_scalar::<f32>()?)
 }
 
 fn norm(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?)
+    Ok(t.to_dtype(DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .sqrt()?
+        .to_scalar::<f64>()?)
 }
 
 /// `adopt_weight`: `value` (0) before `threshold`, else `weight`.
@@ -122,9 +129,25 @@ impl VqLoss {
             None => None,
         };
         let dprefix = format!("{prefix}discriminator.");
-        let dsd = if sd.keys().any(|k| k.starts_with(&dprefix)) { Some(sd.sub(&dprefix)) } else { None };
-        let norm = if cfg.use_actnorm { NormKind::ActNorm } else { NormKind::BatchNorm };
-        let disc = NLayerDiscriminator::new(cfg.disc_in_channels, cfg.disc_ndf, cfg.disc_num_layers, norm, dsd.as_ref(), seed, device)?;
+        let dsd = if sd.keys().any(|k| k.starts_with(&dprefix)) {
+            Some(sd.sub(&dprefix))
+        } else {
+            None
+        };
+        let norm = if cfg.use_actnorm {
+            NormKind::ActNorm
+        } else {
+            NormKind::BatchNorm
+        };
+        let disc = NLayerDiscriminator::new(
+            cfg.disc_in_channels,
+            cfg.disc_ndf,
+            cfg.disc_num_layers,
+            norm,
+            dsd.as_ref(),
+            seed,
+            device,
+        )?;
         Ok(Self { cfg, lpips, disc })
     }
 
@@ -147,14 +170,19 @@ impl VqLoss {
         let mut nll = rec.mean_all()?;
         let mut p = None;
         if self.cfg.perceptual_weight > 0.0 {
-            let lp = self.lpips.as_ref().ok_or_else(|| Error::invalid("LPIPS weights are missing"))?;
+            let lp = self
+                .lpips
+                .as_ref()
+                .ok_or_else(|| Error::invalid("LPIPS weights are missing"))?;
             let pl = lp.forward(x, xrec)?; // (B, 1, 1, 1)
-            // mean(rec + w * p) over (B, C, H, W) = mean(rec) + w * mean(p)
+                                           // mean(rec + w * p) over (B, C, H, W) = mean(rec) + w * mean(p)
             nll = (nll + (pl.mean_all()? * self.cfg.perceptual_weight)?)?;
             p = Some(pl);
         }
         if self.cfg.pixelloss_weight != 1.0 {
-            tracing::debug!("pixelloss_weight is stored but unused by the reference's loss, as here");
+            tracing::debug!(
+                "pixelloss_weight is stored but unused by the reference's loss, as here"
+            );
         }
         Ok((nll, p))
     }
@@ -172,7 +200,9 @@ impl VqLoss {
         cond: Option<&Tensor>,
     ) -> Result<LossOut> {
         if cond.is_some() {
-            return Err(Error::invalid("a conditional discriminator is not supported"));
+            return Err(Error::invalid(
+                "a conditional discriminator is not supported",
+            ));
         }
         let x = x.detach();
         // differentiate the losses with respect to the reconstruction only
@@ -225,14 +255,25 @@ impl VqLoss {
             ("disc_factor".to_string(), disc_factor as f32),
             ("g_loss".to_string(), scalar(&g_loss)?),
         ];
-        Ok(LossOut { total: surrogate, logs })
+        Ok(LossOut {
+            total: surrogate,
+            logs,
+        })
     }
 
     /// The discriminator side at `global_step`: `total` is the discriminator loss (its gradients
     /// reach the discriminator only).
-    pub fn discriminator_step(&self, x: &Tensor, xrec: &Tensor, global_step: u64, cond: Option<&Tensor>) -> Result<LossOut> {
+    pub fn discriminator_step(
+        &self,
+        x: &Tensor,
+        xrec: &Tensor,
+        global_step: u64,
+        cond: Option<&Tensor>,
+    ) -> Result<LossOut> {
         if cond.is_some() {
-            return Err(Error::invalid("a conditional discriminator is not supported"));
+            return Err(Error::invalid(
+                "a conditional discriminator is not supported",
+            ));
         }
         let logits_real = self.disc.forward(&x.detach())?; // (B, 1, h, w)
         let logits_fake = self.disc.forward(&xrec.detach())?;
@@ -248,7 +289,10 @@ impl VqLoss {
             ("logits_real".to_string(), scalar(&logits_real)?),
             ("logits_fake".to_string(), scalar(&logits_fake)?),
         ];
-        Ok(LossOut { total: d_loss, logs })
+        Ok(LossOut {
+            total: d_loss,
+            logs,
+        })
     }
 }
 
@@ -266,7 +310,8 @@ mod tests {
         assert!((h - 0.5 * (2.5 / 3.0 + 2.5 / 3.0)).abs() < 1e-6);
         let v = vanilla_d_loss(&r, &f)?.to_scalar::<f32>()?;
         let sp = |x: f32| (1.0 + x.exp()).ln();
-        let want = 0.5 * ((sp(-0.5) + sp(-2.0) + sp(1.0)) / 3.0 + (sp(-2.0) + sp(0.0) + sp(0.5)) / 3.0);
+        let want =
+            0.5 * ((sp(-0.5) + sp(-2.0) + sp(1.0)) / 3.0 + (sp(-2.0) + sp(0.0) + sp(0.5)) / 3.0);
         assert!((v - want).abs() < 1e-6, "{v} {want}");
         assert_eq!(adopt_weight(1.0, 4, 5), 0.0);
         assert_eq!(adopt_weight(1.0, 5, 5), 1.0);

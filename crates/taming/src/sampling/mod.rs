@@ -174,7 +174,9 @@ pub fn sample_sequence(
         )));
     }
     if nc + n0 == 0 {
-        return Err(Error::invalid("sampling needs at least one condition or prefix token"));
+        return Err(Error::invalid(
+            "sampling needs at least one condition or prefix token",
+        ));
     }
     let mut sampler = TokenSampler::new(opts)?;
     let mut rows: Vec<Vec<u32>> = if n0 == 0 {
@@ -192,7 +194,10 @@ pub fn sample_sequence(
     let start = match (nc, n0) {
         (_, 0) => c.to_dtype(DType::U32)?,
         (0, _) => prefix.to_dtype(DType::U32)?,
-        _ => Tensor::cat(&[&c.to_dtype(DType::U32)?, &prefix.to_dtype(DType::U32)?], 1)?,
+        _ => Tensor::cat(
+            &[&c.to_dtype(DType::U32)?, &prefix.to_dtype(DType::U32)?],
+            1,
+        )?,
     }; // (B, nc+n0)
     let mut logits = gpt.forward_cached(&start, &mut cache)?; // (B, V)
     for k in 0..steps {
@@ -322,13 +327,15 @@ pub fn sample_sliding(
         let (li, lj) = (window_offset(i, h, wh), window_offset(j, w, ww));
         let (i0, j0) = (i - li, j - lj);
         let p = li * ww + lj; // position of (i, j) inside the window
-        // condition tokens of the window, then the window's image tokens before p
+                              // condition tokens of the window, then the window's image tokens before p
         let mut seq = Vec::with_capacity(b * (nc + p));
         for s in 0..b {
             match cond {
                 SlidingCond::Spatial(_) => {
                     for a in 0..wh {
-                        seq.extend_from_slice(&cond_rows[s][(i0 + a) * w + j0..(i0 + a) * w + j0 + ww]);
+                        seq.extend_from_slice(
+                            &cond_rows[s][(i0 + a) * w + j0..(i0 + a) * w + j0 + ww],
+                        );
                     }
                 }
                 SlidingCond::Prefix(_) => seq.extend_from_slice(&cond_rows[s]),
@@ -376,7 +383,10 @@ mod tests {
     fn window_offsets_follow_the_reference() {
         // H = 20: rows 0..=8 offset i; rows 13..19 (20 - i < 8) offset 16 - (20 - i); else 8
         let got: Vec<usize> = (0..20).map(|i| window_offset(i, 20, 16)).collect();
-        assert_eq!(got, vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 8, 8, 8, 8, 9, 10, 11, 12, 13, 14, 15]);
+        assert_eq!(
+            got,
+            vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 8, 8, 8, 8, 9, 10, 11, 12, 13, 14, 15]
+        );
         // exactly the window size: the window never moves
         let got: Vec<usize> = (0..16).map(|i| window_offset(i, 16, 16)).collect();
         assert_eq!(got, (0..16).collect::<Vec<_>>());
@@ -405,9 +415,21 @@ mod tests {
 
     #[test]
     fn bad_options_are_rejected() {
-        let bad = SamplingOptions { temperature: 0.0, ..Default::default() };
-        assert!(TokenSampler::new(&bad).unwrap_err().to_string().contains("temperature"));
-        let bad = SamplingOptions { top_p: Some(1.5), ..Default::default() };
-        assert!(TokenSampler::new(&bad).unwrap_err().to_string().contains("top-p"));
+        let bad = SamplingOptions {
+            temperature: 0.0,
+            ..Default::default()
+        };
+        assert!(TokenSampler::new(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("temperature"));
+        let bad = SamplingOptions {
+            top_p: Some(1.5),
+            ..Default::default()
+        };
+        assert!(TokenSampler::new(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("top-p"));
     }
 }

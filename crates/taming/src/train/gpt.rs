@@ -58,7 +58,10 @@ fn load_frozen(cfg: &VqModelConfig, what: &str, device: &Device) -> Result<Froze
     let weights = StateDict::from_tensors(keep, sd.source());
     let (model, report) = crate::model::load_vq(cfg, &weights, DType::F32, device)?;
     if !report.unexpected.is_empty() {
-        tracing::warn!("{what}: {} unused tensors in {path}", report.unexpected.len());
+        tracing::warn!(
+            "{what}: {} unused tensors in {path}",
+            report.unexpected.len()
+        );
     }
     Ok(Frozen { model, weights })
 }
@@ -78,29 +81,65 @@ impl GptTrainer {
     /// Builds the model: frozen stages from their `ckpt_path`, the GPT fresh (seeded, the
     /// reference's init) or from `init` (a checkpoint holding `transformer.*`). `lr` is the
     /// effective learning rate (base x batch x accumulation).
-    pub fn new(cfg: &Net2NetConfig, init: Option<&StateDict>, lr: f64, seed: u64, max_images: usize, device: &Device) -> Result<Self> {
-        if cfg.transformer.embd_pdrop > 0.0 || cfg.transformer.resid_pdrop > 0.0 || cfg.transformer.attn_pdrop > 0.0 {
-            tracing::warn!("dropout in transformer_config is not implemented in training; it is treated as 0");
+    pub fn new(
+        cfg: &Net2NetConfig,
+        init: Option<&StateDict>,
+        lr: f64,
+        seed: u64,
+        max_images: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        if cfg.transformer.embd_pdrop > 0.0
+            || cfg.transformer.resid_pdrop > 0.0
+            || cfg.transformer.attn_pdrop > 0.0
+        {
+            tracing::warn!(
+                "dropout in transformer_config is not implemented in training; it is treated as 0"
+            );
         }
         let first = load_frozen(&cfg.first_stage, "first_stage", device)?;
         let (cond_stage, cond_weights) = match &cfg.cond_stage {
-            _ if cfg.unconditional => (CondStage::Sos { token: cfg.sos_token }, None),
+            _ if cfg.unconditional => (
+                CondStage::Sos {
+                    token: cfg.sos_token,
+                },
+                None,
+            ),
             CondStageConfig::FirstStage => (CondStage::FirstStage, None),
-            CondStageConfig::Unconditional => (CondStage::Sos { token: cfg.sos_token }, None),
+            CondStageConfig::Unconditional => (
+                CondStage::Sos {
+                    token: cfg.sos_token,
+                },
+                None,
+            ),
             CondStageConfig::Sos { sos_token } => (CondStage::Sos { token: *sos_token }, None),
             CondStageConfig::Vq(c) => {
                 let f = load_frozen(c, "cond_stage", device)?;
                 (CondStage::Vq(Box::new(f.model)), Some(f.weights))
             }
-            CondStageConfig::Labelator { n_classes } => (CondStage::Labelator { n_classes: *n_classes }, None),
-            CondStageConfig::Coord { n_embed, down_factor } => (
-                CondStage::Coord { n_embed: *n_embed, down_factor: *down_factor },
+            CondStageConfig::Labelator { n_classes } => (
+                CondStage::Labelator {
+                    n_classes: *n_classes,
+                },
+                None,
+            ),
+            CondStageConfig::Coord {
+                n_embed,
+                down_factor,
+            } => (
+                CondStage::Coord {
+                    n_embed: *n_embed,
+                    down_factor: *down_factor,
+                },
                 None,
             ),
         };
         let varmap = VarMap::new();
         if let Some(sd) = init {
-            let mut data = varmap.data().lock().map_err(|_| Error::invalid("variable map poisoned"))?;
+            let mut data = varmap
+                .data()
+                .lock()
+                .map_err(|_| Error::invalid("variable map poisoned"))?;
             for (k, t) in sd.tensors() {
                 if let Some(local) = k.strip_prefix("transformer.") {
                     if local.ends_with(".attn.mask") {
@@ -193,7 +232,11 @@ impl GptTrainer {
             .map(|t| {
                 let keep = rng.random::<f64>() < pkeep;
                 let r = rng.random_range(0..vocab);
-                if keep { t } else { r }
+                if keep {
+                    t
+                } else {
+                    r
+                }
             })
             .collect();
         Ok(Tensor::from_vec(out, (b, n), z.device())?)
@@ -286,16 +329,33 @@ impl Trainer for GptTrainer {
         let total = grid.0 * grid.1;
         let mut out = vec![
             ("inputs".to_string(), crate::image_io::grid(&x, n)?),
-            ("reconstructions".to_string(), crate::image_io::grid(&self.model.decode_to_img(&z.indices, grid)?, n)?),
+            (
+                "reconstructions".to_string(),
+                crate::image_io::grid(&self.model.decode_to_img(&z.indices, grid)?, n)?,
+            ),
         ];
         if let Some(vq) = self.model.cond_vq() {
-            let shown = if vq.kind() == crate::first_stage::VqModelKind::Segmentation { vq.to_rgb(&c)? } else { c.clone() };
-            out.push(("conditioning".to_string(), crate::image_io::grid(&shown, n)?));
+            let shown = if vq.kind() == crate::first_stage::VqModelKind::Segmentation {
+                vq.to_rgb(&c)?
+            } else {
+                c.clone()
+            };
+            out.push((
+                "conditioning".to_string(),
+                crate::image_io::grid(&shown, n)?,
+            ));
         }
         let gpt = self.model.gpt();
         let mut go_on = |_: &crate::sampling::Progress| Control::Continue;
-        let top_k = SamplingOptions { top_k: Some(100), seed: self.seed ^ state.global_step, ..Default::default() };
-        let greedy = SamplingOptions { greedy: true, ..Default::default() };
+        let top_k = SamplingOptions {
+            top_k: Some(100),
+            seed: self.seed ^ state.global_step,
+            ..Default::default()
+        };
+        let greedy = SamplingOptions {
+            greedy: true,
+            ..Default::default()
+        };
         let half = total / 2;
         let prefix = z.indices.narrow(1, 0, half)?;
         let empty = z.indices.narrow(1, 0, 0)?;

@@ -21,7 +21,9 @@ struct InitRng(ChaCha8Rng);
 
 impl InitRng {
     fn uniform(&mut self, n: usize, bound: f64) -> Vec<f32> {
-        (0..n).map(|_| (self.0.random::<f64>() * 2.0 - 1.0) as f32 * bound as f32).collect()
+        (0..n)
+            .map(|_| (self.0.random::<f64>() * 2.0 - 1.0) as f32 * bound as f32)
+            .collect()
     }
     fn normal(&mut self, n: usize, std: f64) -> Vec<f32> {
         (0..n)
@@ -51,7 +53,11 @@ impl NamedVars for VarMap {
     fn all_vars_named(&self) -> Vec<(String, Var)> {
         match self.data().lock() {
             Ok(d) => d.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            Err(p) => p.into_inner().iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(p) => p
+                .into_inner()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         }
     }
 }
@@ -106,7 +112,9 @@ pub fn reinit_vqgan(map: &VarMap, seed: u64, n_embed: usize, skip_prefixes: &[&s
 pub fn reinit_gpt(map: &VarMap, seed: u64, prefix: &str) -> Result<()> {
     let mut rng = InitRng(ChaCha8Rng::seed_from_u64(seed));
     for (name, var) in sorted_vars(map) {
-        let Some(local) = name.strip_prefix(prefix) else { continue };
+        let Some(local) = name.strip_prefix(prefix) else {
+            continue;
+        };
         let n = var.elem_count();
         let is_ln = local.starts_with("ln_f") || local.contains(".ln1.") || local.contains(".ln2.");
         let values = if local == "pos_emb" || local.ends_with(".bias") {
@@ -148,7 +156,14 @@ mod tests {
             Ok(map)
         };
         let (a, b, c) = (make(1)?, make(1)?, make(2)?);
-        let get = |m: &VarMap, k: &str| m.data().lock().unwrap()[k].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let get = |m: &VarMap, k: &str| {
+            m.data().lock().unwrap()[k]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
         assert_eq!(get(&a, "head.weight"), get(&b, "head.weight"));
         assert_ne!(get(&a, "head.weight"), get(&c, "head.weight"));
         assert!(get(&a, "pos_emb").iter().all(|v| *v == 0.0));

@@ -98,10 +98,25 @@ impl Default for FitOptions {
 /// Events reported to the caller besides steps.
 #[derive(Debug, Clone)]
 pub enum FitEvent {
-    Step { step: u64, metrics: BTreeMap<String, f64>, images_per_s: f64, total_steps: Option<u64>, epoch: u64 },
-    Validation { step: u64, metrics: BTreeMap<String, f64> },
-    Saved { step: u64, path: PathBuf },
-    Images { step: u64, paths: Vec<PathBuf> },
+    Step {
+        step: u64,
+        metrics: BTreeMap<String, f64>,
+        images_per_s: f64,
+        total_steps: Option<u64>,
+        epoch: u64,
+    },
+    Validation {
+        step: u64,
+        metrics: BTreeMap<String, f64>,
+    },
+    Saved {
+        step: u64,
+        path: PathBuf,
+    },
+    Images {
+        step: u64,
+        paths: Vec<PathBuf>,
+    },
 }
 
 /// How a fit ended.
@@ -135,11 +150,15 @@ pub fn fit(
     on_event: &mut dyn FnMut(FitEvent),
 ) -> Result<FitEnd> {
     if opts.max_steps.is_none() && opts.max_epochs.is_none() {
-        return Err(Error::invalid("training needs a limit: max_steps or max_epochs"));
+        return Err(Error::invalid(
+            "training needs a limit: max_steps or max_epochs",
+        ));
     }
     let per_epoch = train.batches_per_epoch() as u64;
     if per_epoch == 0 {
-        return Err(Error::invalid("the training set yields no batch (fewer images than the batch size?)"));
+        return Err(Error::invalid(
+            "the training set yields no batch (fewer images than the batch size?)",
+        ));
     }
     let total_steps = match (opts.max_steps, opts.max_epochs) {
         (Some(s), Some(e)) => Some(s.min(e * per_epoch)),
@@ -152,7 +171,11 @@ pub fn fit(
     columns.extend(trainer.validation_names());
     let col_refs: Vec<&str> = columns.iter().map(String::as_str).collect();
     let mut csv = run::MetricsCsv::open(&run.metrics_csv(), &col_refs, Some(state.global_step))?;
-    let save = |trainer: &dyn Trainer, state: &TrainState, numbered: bool, on_event: &mut dyn FnMut(FitEvent)| -> Result<()> {
+    let save = |trainer: &dyn Trainer,
+                state: &TrainState,
+                numbered: bool,
+                on_event: &mut dyn FnMut(FitEvent)|
+     -> Result<()> {
         let tensors = trainer.state_tensors()?;
         if numbered {
             let p = run.step_checkpoint(state.global_step);
@@ -160,11 +183,15 @@ pub fn fit(
         }
         let p = run.last_checkpoint();
         run::save_checkpoint(&p, tensors, *state)?;
-        on_event(FitEvent::Saved { step: state.global_step, path: p });
+        on_event(FitEvent::Saved {
+            step: state.global_step,
+            path: p,
+        });
         Ok(())
     };
     let done = |s: &TrainState| {
-        opts.max_steps.is_some_and(|m| s.global_step >= m) || opts.max_epochs.is_some_and(|m| s.epoch >= m)
+        opts.max_steps.is_some_and(|m| s.global_step >= m)
+            || opts.max_epochs.is_some_and(|m| s.epoch >= m)
     };
     while !done(state) {
         let start = state.batch_in_epoch as usize;
@@ -185,7 +212,12 @@ pub fn fit(
                 break;
             };
             let batch = batch?;
-            let n_images = batch.values().next().map(|t| t.dim(0)).transpose()?.unwrap_or(0);
+            let n_images = batch
+                .values()
+                .next()
+                .map(|t| t.dim(0))
+                .transpose()?
+                .unwrap_or(0);
             let t0 = Instant::now();
             let metrics = trainer.step(&batch, state)?;
             let dt = t0.elapsed().as_secs_f64();
@@ -210,7 +242,10 @@ pub fn fit(
                     crate::image_io::save_png(&img, &p)?;
                     paths.push(p);
                 }
-                on_event(FitEvent::Images { step: state.global_step, paths });
+                on_event(FitEvent::Images {
+                    step: state.global_step,
+                    paths,
+                });
             }
             on_event(FitEvent::Step {
                 step: state.global_step,
@@ -231,7 +266,10 @@ pub fn fit(
                 if opts.validate_every_epochs > 0 && state.epoch % opts.validate_every_epochs == 0 {
                     let metrics = validate(trainer, val)?;
                     csv.append(state.global_step, &metrics)?;
-                    on_event(FitEvent::Validation { step: state.global_step, metrics });
+                    on_event(FitEvent::Validation {
+                        step: state.global_step,
+                        metrics,
+                    });
                 }
             }
         }
@@ -246,7 +284,12 @@ pub fn validate(trainer: &dyn Trainer, source: &dyn BatchSource) -> Result<BTree
     let mut n = 0f64;
     for batch in source.epoch(0, 0) {
         let batch = batch?;
-        let b = batch.values().next().map(|t| t.dim(0)).transpose()?.unwrap_or(0) as f64;
+        let b = batch
+            .values()
+            .next()
+            .map(|t| t.dim(0))
+            .transpose()?
+            .unwrap_or(0) as f64;
         for (k, v) in trainer.validate(&batch)? {
             *sums.entry(k).or_default() += v * b;
         }
@@ -268,7 +311,10 @@ pub fn step_rng(seed: u64, step: u64, stream: u64) -> rand_chacha::ChaCha8Rng {
 
 /// Codebook usage of a batch of indices: (perplexity, share of codes used).
 pub fn codebook_usage(indices: &Tensor, n_embed: usize) -> Result<(f64, f64)> {
-    let idx = indices.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1::<u32>()?;
+    let idx = indices
+        .flatten_all()?
+        .to_dtype(candle_core::DType::U32)?
+        .to_vec1::<u32>()?;
     let mut counts = vec![0usize; n_embed.max(1)];
     for i in &idx {
         if let Some(c) = counts.get_mut(*i as usize) {

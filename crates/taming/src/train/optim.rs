@@ -41,11 +41,23 @@ pub struct AdamConfig {
 impl AdamConfig {
     /// `torch.optim.Adam(params, lr, betas=(b1, b2))` (eps 1e-8).
     pub fn adam(lr: f64, beta1: f64, beta2: f64) -> Self {
-        Self { lr, beta1, beta2, eps: 1e-8, decay: Decay::L2 }
+        Self {
+            lr,
+            beta1,
+            beta2,
+            eps: 1e-8,
+            decay: Decay::L2,
+        }
     }
     /// `torch.optim.AdamW(groups, lr, betas=(b1, b2))` (eps 1e-8); decay per parameter.
     pub fn adamw(lr: f64, beta1: f64, beta2: f64) -> Self {
-        Self { lr, beta1, beta2, eps: 1e-8, decay: Decay::Decoupled }
+        Self {
+            lr,
+            beta1,
+            beta2,
+            eps: 1e-8,
+            decay: Decay::Decoupled,
+        }
     }
 }
 
@@ -75,7 +87,9 @@ impl Adam {
         let mut slots = Vec::with_capacity(params.len());
         for (name, var, weight_decay) in params {
             if !seen.insert(name.clone()) {
-                return Err(Error::invalid(format!("parameter {name} given twice to the optimizer")));
+                return Err(Error::invalid(format!(
+                    "parameter {name} given twice to the optimizer"
+                )));
             }
             if !matches!(var.dtype(), DType::F32 | DType::F64) {
                 return Err(Error::invalid(format!(
@@ -83,7 +97,13 @@ impl Adam {
                     var.dtype()
                 )));
             }
-            slots.push(Slot { name, var, weight_decay, state: None, step: 0 });
+            slots.push(Slot {
+                name,
+                var,
+                weight_decay,
+                state: None,
+                step: 0,
+            });
         }
         Ok(Self { cfg, slots })
     }
@@ -114,7 +134,11 @@ impl Adam {
         let mut sum = 0f64;
         for s in &self.slots {
             if let Some(g) = grads.get(s.var.as_tensor()) {
-                sum += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                sum += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
             }
         }
         Ok(sum.sqrt())
@@ -122,9 +146,17 @@ impl Adam {
 
     /// One optimizer step with the gradients in `grads`.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
-        let AdamConfig { lr, beta1, beta2, eps, decay } = self.cfg;
+        let AdamConfig {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            decay,
+        } = self.cfg;
         for s in &mut self.slots {
-            let Some(g) = grads.get(s.var.as_tensor()) else { continue };
+            let Some(g) = grads.get(s.var.as_tensor()) else {
+                continue;
+            };
             let p = s.var.as_tensor().detach();
             let g = g.to_dtype(p.dtype())?;
             let g = if decay == Decay::L2 && s.weight_decay != 0.0 {
@@ -230,7 +262,10 @@ mod tests {
         let var = Var::new(&p0.map(|x| x as f32), &dev)?;
         let ct = Tensor::new(&c.map(|x| x as f32), &dev)?;
         let (lr, b1, b2, eps) = (0.1, 0.5, 0.9, 1e-8);
-        let mut opt = Adam::new(vec![("p".into(), var.clone(), 0.0)], AdamConfig::adam(lr, b1, b2))?;
+        let mut opt = Adam::new(
+            vec![("p".into(), var.clone(), 0.0)],
+            AdamConfig::adam(lr, b1, b2),
+        )?;
         let mut p = p0;
         let (mut m, mut v) = ([0f64; 3], [0f64; 3]);
         for t in 1..=2 {
@@ -247,7 +282,12 @@ mod tests {
         }
         let got = var.as_tensor().to_vec1::<f32>()?;
         for i in 0..3 {
-            assert!((got[i] as f64 - p[i]).abs() < 1e-6, "{i}: {} vs {}", got[i], p[i]);
+            assert!(
+                (got[i] as f64 - p[i]).abs() < 1e-6,
+                "{i}: {} vs {}",
+                got[i],
+                p[i]
+            );
         }
         Ok(())
     }
@@ -258,7 +298,13 @@ mod tests {
         // zero gradient direction apart from decay: loss = 0 * p still yields a gradient of zeros
         for decay in [Decay::Decoupled, Decay::L2] {
             let var = Var::new(&[2.0f32], &dev)?;
-            let cfg = AdamConfig { lr: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8, decay };
+            let cfg = AdamConfig {
+                lr: 0.1,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                decay,
+            };
             let mut opt = Adam::new(vec![("w".into(), var.clone(), 0.5)], cfg)?;
             // a zero gradient that is still a gradient (`p * 0.0` would be pruned from the graph)
             let zeros = Tensor::zeros(1, DType::F32, &dev)?;
@@ -309,10 +355,19 @@ mod tests {
     fn bad_state_is_named() -> anyhow::Result<()> {
         let dev = Device::Cpu;
         let var = Var::new(&[1.0f32, 2.0], &dev)?;
-        let mut opt = Adam::new(vec![("enc.w".into(), var, 0.0)], AdamConfig::adam(0.1, 0.5, 0.9))?;
+        let mut opt = Adam::new(
+            vec![("enc.w".into(), var, 0.0)],
+            AdamConfig::adam(0.1, 0.5, 0.9),
+        )?;
         let mut st = BTreeMap::new();
-        st.insert("o.exp_avg.enc.w".to_string(), Tensor::zeros(3, DType::F32, &dev)?);
-        st.insert("o.exp_avg_sq.enc.w".to_string(), Tensor::zeros(3, DType::F32, &dev)?);
+        st.insert(
+            "o.exp_avg.enc.w".to_string(),
+            Tensor::zeros(3, DType::F32, &dev)?,
+        );
+        st.insert(
+            "o.exp_avg_sq.enc.w".to_string(),
+            Tensor::zeros(3, DType::F32, &dev)?,
+        );
         st.insert("o.step.enc.w".to_string(), Tensor::new(&[1f64], &dev)?);
         let e = opt.load_state(&st, "o.").unwrap_err().to_string();
         assert!(e.contains("o.exp_avg.enc.w"), "{e}");

@@ -66,7 +66,11 @@ pub fn optimizer_prefix(i: usize) -> String {
 
 /// Writes a training checkpoint atomically: `tensors` (model state dict and optimizer state) plus
 /// the training position as metadata.
-pub fn save_checkpoint(path: &Path, tensors: BTreeMap<String, Tensor>, state: TrainState) -> Result<()> {
+pub fn save_checkpoint(
+    path: &Path,
+    tensors: BTreeMap<String, Tensor>,
+    state: TrainState,
+) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
@@ -98,10 +102,17 @@ impl RunDir {
     /// its sub-folders, and writes the merged config to `configs/<timestamp>-project.yaml`.
     pub fn create(logs_root: &Path, name: &str, config_yaml: &str) -> Result<Self> {
         let stamp = timestamp();
-        let dir_name = if name.is_empty() { stamp.clone() } else { format!("{stamp}_{name}") };
+        let dir_name = if name.is_empty() {
+            stamp.clone()
+        } else {
+            format!("{stamp}_{name}")
+        };
         let root = logs_root.join(dir_name);
         if root.exists() {
-            return Err(Error::invalid(format!("run directory {} already exists", root.display())));
+            return Err(Error::invalid(format!(
+                "run directory {} already exists",
+                root.display()
+            )));
         }
         let run = Self { root };
         for d in [run.configs_dir(), run.checkpoints_dir(), run.images_dir()] {
@@ -116,7 +127,9 @@ impl RunDir {
 
     /// An existing run (for `-r`): must hold `configs/` and `checkpoints/`.
     pub fn open(root: &Path) -> Result<Self> {
-        let run = Self { root: root.to_path_buf() };
+        let run = Self {
+            root: root.to_path_buf(),
+        };
         for d in [run.configs_dir(), run.checkpoints_dir()] {
             if !d.is_dir() {
                 return Err(Error::invalid(format!(
@@ -144,7 +157,8 @@ impl RunDir {
         self.checkpoints_dir().join("last.safetensors")
     }
     pub fn step_checkpoint(&self, step: u64) -> PathBuf {
-        self.checkpoints_dir().join(format!("step-{step:07}.safetensors"))
+        self.checkpoints_dir()
+            .join(format!("step-{step:07}.safetensors"))
     }
     pub fn metrics_csv(&self) -> PathBuf {
         self.root.join("metrics.csv")
@@ -219,7 +233,10 @@ impl MetricsCsv {
         let mut body = kept.join("\n");
         body.push('\n');
         crate::image_io::write_atomic(path, body.as_bytes())?;
-        Ok(Self { path: path.to_path_buf(), columns })
+        Ok(Self {
+            path: path.to_path_buf(),
+            columns,
+        })
     }
 
     /// Appends one row; missing values are left empty.
@@ -253,7 +270,13 @@ pub fn read_metrics(path: &Path) -> Result<(Vec<String>, Vec<Vec<f64>>)> {
         }
         let row: Vec<f64> = l
             .split(',')
-            .map(|c| if c.is_empty() { Ok(f64::NAN) } else { c.parse::<f64>() })
+            .map(|c| {
+                if c.is_empty() {
+                    Ok(f64::NAN)
+                } else {
+                    c.parse::<f64>()
+                }
+            })
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| Error::invalid(format!("{} line {}: {e}", path.display(), i + 2)))?;
         if row.len() != header.len() {
@@ -309,8 +332,16 @@ mod tests {
         let tmp = tempfile::tempdir()?;
         let p = tmp.path().join("ck").join("last.safetensors");
         let mut t = BTreeMap::new();
-        t.insert("a.weight".to_string(), Tensor::new(&[1f32, 2.0], &candle_core::Device::Cpu)?);
-        let st = TrainState { global_step: 12, epoch: 1, batch_in_epoch: 3, seed: 7 };
+        t.insert(
+            "a.weight".to_string(),
+            Tensor::new(&[1f32, 2.0], &candle_core::Device::Cpu)?,
+        );
+        let st = TrainState {
+            global_step: 12,
+            epoch: 1,
+            batch_in_epoch: 3,
+            seed: 7,
+        };
         save_checkpoint(&p, t, st)?;
         let (sd, back) = load_checkpoint(&p)?;
         assert_eq!(back, st);

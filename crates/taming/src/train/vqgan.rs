@@ -31,7 +31,11 @@ use crate::{Error, Result};
 
 /// The loss of the model being trained.
 enum Objective {
-    Gan { loss: Box<VqLoss>, opt: Adam, lpips: BTreeMap<String, Tensor> },
+    Gan {
+        loss: Box<VqLoss>,
+        opt: Adam,
+        lpips: BTreeMap<String, Tensor>,
+    },
     Bce(BceWithQuant),
 }
 
@@ -59,7 +63,8 @@ fn model_weights(sd: &StateDict) -> StateDict {
 
 /// (name, var) pairs of `map` restricted to `vars` (matched by identity), sorted by name.
 fn named_subset(map: &VarMap, vars: &[Var]) -> Vec<(String, Var)> {
-    let ids: std::collections::HashSet<TensorId> = vars.iter().map(|v| v.as_tensor().id()).collect();
+    let ids: std::collections::HashSet<TensorId> =
+        vars.iter().map(|v| v.as_tensor().id()).collect();
     sorted_vars(map)
         .into_iter()
         .filter(|(_, v)| ids.contains(&v.as_tensor().id()))
@@ -82,12 +87,10 @@ impl VqganTrainer {
     ) -> Result<Self> {
         match cfg.kind {
             VqKind::VqModel | VqKind::Segmentation { .. } => {}
-            _ => {
-                return Err(Error::invalid(
-                    "training is implemented for VQModel and VQSegmentationModel; GumbelVQ and EMAVQ \
+            _ => return Err(Error::invalid(
+                "training is implemented for VQModel and VQSegmentationModel; GumbelVQ and EMAVQ \
                      models can be loaded and sampled but not trained yet",
-                ))
-            }
+            )),
         }
         let weights = init.map(model_weights);
         let varmap = match &weights {
@@ -101,7 +104,12 @@ impl VqganTrainer {
             None => {
                 reinit_vqgan(&varmap, seed, cfg.n_embed, &[])?;
                 // VQSegmentationModel's fixed `colorize` buffer is torch.randn
-                if let Some(c) = varmap.data().lock().map_err(|_| Error::invalid("variable map poisoned"))?.get("colorize") {
+                if let Some(c) = varmap
+                    .data()
+                    .lock()
+                    .map_err(|_| Error::invalid("variable map poisoned"))?
+                    .get("colorize")
+                {
                     c.set(&Tensor::randn(0f32, 1f32, c.shape(), device)?)?;
                 }
             }
@@ -195,9 +203,17 @@ impl Trainer for VqganTrainer {
     fn metric_names(&self) -> Vec<String> {
         let mut v: Vec<&str> = match &self.objective {
             Objective::Gan { .. } => vec![
-                "train/aeloss", "train/rec_loss", "train/p_loss", "train/nll_loss", "train/quant_loss",
-                "train/g_loss", "train/d_weight", "train/disc_factor", "train/discloss",
-                "train/logits_real", "train/logits_fake",
+                "train/aeloss",
+                "train/rec_loss",
+                "train/p_loss",
+                "train/nll_loss",
+                "train/quant_loss",
+                "train/g_loss",
+                "train/d_weight",
+                "train/disc_factor",
+                "train/discloss",
+                "train/logits_real",
+                "train/logits_fake",
             ],
             Objective::Bce(_) => vec!["train/total_loss", "train/bce_loss", "train/quant_loss"],
         };
@@ -214,12 +230,30 @@ impl Trainer for VqganTrainer {
         let (ppl, used) = codebook_usage(&out.indices, self.n_embed)?;
         match &mut self.objective {
             Objective::Gan { loss, opt, .. } => {
-                let last = LastLayer { input: &out.last_layer_input, conv: self.model.decoder().conv_out() };
-                let gen = loss.generator_step(&x, &out.reconstruction, &out.qloss, step, Some(last), None)?;
+                let last = LastLayer {
+                    input: &out.last_layer_input,
+                    conv: self.model.decoder().conv_out(),
+                };
+                let gen = loss.generator_step(
+                    &x,
+                    &out.reconstruction,
+                    &out.qloss,
+                    step,
+                    Some(last),
+                    None,
+                )?;
                 let grads = gen.total.backward()?;
                 self.opt.step(&grads)?;
-                for (k, v) in gen.logs.iter().filter(|(k, _)| k != "total_loss_terms_magnitude") {
-                    let name = if k == "total_loss" { "aeloss".to_string() } else { k.clone() };
+                for (k, v) in gen
+                    .logs
+                    .iter()
+                    .filter(|(k, _)| k != "total_loss_terms_magnitude")
+                {
+                    let name = if k == "total_loss" {
+                        "aeloss".to_string()
+                    } else {
+                        k.clone()
+                    };
                     m.insert(format!("train/{name}"), *v as f64);
                 }
                 // optimizer_idx 1: the reference runs the model again with the updated weights
@@ -229,7 +263,10 @@ impl Trainer for VqganTrainer {
                 let disc = loss.discriminator_step(&x, &xrec, step, None)?;
                 let grads = disc.total.backward()?;
                 opt.step(&grads)?;
-                m.insert("train/discloss".into(), disc.total.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64);
+                m.insert(
+                    "train/discloss".into(),
+                    disc.total.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64,
+                );
                 put(&mut m, "train/", &disc.logs);
                 m.remove("train/disc_loss");
             }
@@ -247,7 +284,14 @@ impl Trainer for VqganTrainer {
     }
 
     fn validation_names(&self) -> Vec<String> {
-        ["val/rec_loss", "val/psnr", "val/perplexity", "val/codes_used"].map(String::from).to_vec()
+        [
+            "val/rec_loss",
+            "val/psnr",
+            "val/perplexity",
+            "val/codes_used",
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     fn validate(&self, batch: &Batch) -> Result<BTreeMap<String, f64>> {
@@ -259,7 +303,10 @@ impl Trainer for VqganTrainer {
         let rec = (&x - &xrec)?.abs()?.mean_all()?.to_scalar::<f32>()? as f64;
         m.insert("val/rec_loss".into(), rec);
         if self.model.kind() != VqModelKind::Segmentation {
-            m.insert("val/psnr".into(), crate::image_io::psnr(&x, &xrec.clamp(-1f32, 1f32)?)?);
+            m.insert(
+                "val/psnr".into(),
+                crate::image_io::psnr(&x, &xrec.clamp(-1f32, 1f32)?)?,
+            );
         }
         m.insert("val/perplexity".into(), ppl);
         m.insert("val/codes_used".into(), used);
@@ -315,11 +362,23 @@ impl Trainer for VqganTrainer {
             let tracked = sd
                 .tensors()
                 .iter()
-                .filter(|(k, _)| k.starts_with("loss.discriminator.") && k.ends_with(".num_batches_tracked"))
-                .filter_map(|(_, t)| t.to_dtype(DType::I64).ok()?.flatten_all().ok()?.max(0).ok()?.to_scalar::<i64>().ok())
+                .filter(|(k, _)| {
+                    k.starts_with("loss.discriminator.") && k.ends_with(".num_batches_tracked")
+                })
+                .filter_map(|(_, t)| {
+                    t.to_dtype(DType::I64)
+                        .ok()?
+                        .flatten_all()
+                        .ok()?
+                        .max(0)
+                        .ok()?
+                        .to_scalar::<i64>()
+                        .ok()
+                })
                 .max()
                 .unwrap_or(0);
-            loss.discriminator().set_num_batches_tracked(tracked.max(0) as u64);
+            loss.discriminator()
+                .set_num_batches_tracked(tracked.max(0) as u64);
             opt.load_state(sd.tensors(), &optimizer_prefix(1))?;
         }
         Ok(())
@@ -343,8 +402,14 @@ impl Trainer for VqganTrainer {
         // one projection for both so their colours agree
         let both = self.shown(&Tensor::cat(&[&x, &xrec], 0)?)?;
         Ok(vec![
-            ("inputs".into(), crate::image_io::grid(&both.narrow(0, 0, n)?, n)?),
-            ("reconstructions".into(), crate::image_io::grid(&both.narrow(0, n, n)?, n)?),
+            (
+                "inputs".into(),
+                crate::image_io::grid(&both.narrow(0, 0, n)?, n)?,
+            ),
+            (
+                "reconstructions".into(),
+                crate::image_io::grid(&both.narrow(0, n, n)?, n)?,
+            ),
         ])
     }
 }
