@@ -34,6 +34,7 @@ pub mod pipeline;
 pub mod quantize;
 pub mod sampling;
 pub mod scenes;
+pub mod skinny;
 pub mod train;
 pub mod transformer;
 pub mod verify;

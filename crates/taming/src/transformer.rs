@@ -29,6 +29,26 @@ fn ln(norm: &LayerNorm, x: &Tensor) -> Result<Tensor> {
     crate::nn::layer_norm(norm, LAYER_NORM_EPS, x)
 }
 
+/// A Linear layer over (B, T, C) input as one (B*T, C) matrix product.
+///
+/// candle's `Linear` runs a rank-3 input as a batched product against the weight broadcast per
+/// batch entry, which reads the whole weight matrix once per sequence: at batch 8 a sampling
+/// step read the 1.2 GB of a full-size model eight times. Flattening reads it once.
+/// Products with few rows (a cached sampling step) go to [`crate::skinny`].
+fn dense(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+    let lead = &x.dims()[..x.rank().saturating_sub(1)];
+    let c = x.dims().last().copied().unwrap_or(1);
+    let rows = lead.iter().product::<usize>();
+    let x2 = x.reshape((rows, c))?; // (B*T, C)
+    let y = match crate::skinny::try_linear(&x2, layer.weight(), layer.bias())? {
+        Some(y) => y,
+        None => layer.forward(&x2)?,
+    }; // (B*T, N)
+    let mut shape = lead.to_vec();
+    shape.push(y.dim(1)?);
+    Ok(y.reshape(shape)?) // (B, T, N)
+}
+
 /// Per-layer key/value storage, allocated once for the block size and filled in place.
 #[derive(Debug, Clone)]
 pub struct KvCache {
@@ -99,9 +119,9 @@ impl SelfAttention {
     ) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let hs = c / self.n_head;
-        let q = self.heads(&self.query.forward(x)?)?; // (B, nh, T, hs)
-        let k = self.heads(&self.key.forward(x)?)?; // (B, nh, T, hs)
-        let v = self.heads(&self.value.forward(x)?)?; // (B, nh, T, hs)
+        let q = self.heads(&dense(&self.query, x)?)?; // (B, nh, T, hs)
+        let k = self.heads(&dense(&self.key, x)?)?; // (B, nh, T, hs)
+        let v = self.heads(&dense(&self.value, x)?)?; // (B, nh, T, hs)
         let (k, v) = match cache {
             Some(((kc, vc), start)) => {
                 kc.slice_set(&k, 2, start)?;
@@ -121,7 +141,7 @@ impl SelfAttention {
         let att = crate::nn::softmax_last_dim(&att)?; // (B, nh, T, S)
         let y = att.matmul(&v)?; // (B, nh, T, hs)
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b, t, c))?; // (B, T, C)
-        Ok(self.proj.forward(&y)?)
+        dense(&self.proj, &y)
     }
 }
 
@@ -154,8 +174,8 @@ impl Block {
         cache: Option<(&mut (Tensor, Tensor), usize)>,
     ) -> Result<Tensor> {
         let x = (x + self.attn.forward(&ln(&self.ln1, x)?, mask, cache)?)?; // (B, T, C)
-        let h = self.fc.forward(&ln(&self.ln2, &x)?)?.gelu_erf()?; // (B, T, 4C)
-        Ok((x + self.fc_out.forward(&h)?)?)
+        let h = dense(&self.fc, &ln(&self.ln2, &x)?)?.gelu_erf()?; // (B, T, 4C)
+        Ok((x + dense(&self.fc_out, &h)?)?)
     }
 }
 
@@ -298,7 +318,7 @@ impl Gpt {
     pub fn forward(&self, idx: &Tensor, embeddings: Option<&Tensor>) -> Result<Tensor> {
         let x = self.embed(idx, embeddings, 0)?; // (B, T, C)
         let h = self.hidden(x, 0, None)?;
-        Ok(self.head.forward(&h)?.to_dtype(DType::F32)?) // (B, T, vocab)
+        Ok(dense(&self.head, &h)?.to_dtype(DType::F32)?) // (B, T, vocab)
     }
 
     /// A preallocated cache for `batch` sequences of up to the block size.
@@ -339,7 +359,7 @@ impl Gpt {
         let h = self.hidden(x, start, Some(cache))?; // (B, T, C)
         cache.len = start + t;
         let last = h.narrow(1, t - 1, 1)?.squeeze(1)?; // (B, C)
-        Ok(self.head.forward(&last)?.to_dtype(DType::F32)?) // (B, vocab)
+        Ok(dense(&self.head, &last)?.to_dtype(DType::F32)?) // (B, vocab)
     }
 
     /// Logits (B, vocab) at one position `pos` of a full (uncached) pass over `idx` (B, T):
@@ -348,7 +368,7 @@ impl Gpt {
         let x = self.embed(&idx.narrow(1, 0, pos + 1)?, None, 0)?; // (B, pos+1, C)
         let h = self.hidden(x, 0, None)?;
         let last = h.narrow(1, pos, 1)?.squeeze(1)?; // (B, C)
-        Ok(self.head.forward(&last)?.to_dtype(DType::F32)?)
+        Ok(dense(&self.head, &last)?.to_dtype(DType::F32)?)
     }
 }
 
@@ -385,7 +405,19 @@ mod tests {
             let r = Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu)?;
             var.set(&(var.as_tensor() + r)?)?;
         }
-        Ok(gpt)
+        drop(gpt);
+        // plain tensors (as loaded from a checkpoint), so cached steps take the skinny kernels
+        let weights: std::collections::HashMap<String, Tensor> = varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
+            .collect();
+        Ok(Gpt::new(
+            &cfg,
+            VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+        )?)
     }
 
     /// A KV-cached prefill plus single steps equals the full forward pass.
