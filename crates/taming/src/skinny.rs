@@ -37,25 +37,23 @@ pub fn linear_reference(x: &[f32], w: &[f32], bias: Option<&[f32]>, k: usize, ou
 pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, k: usize, out: &mut [f32]) {
     let m = x.len() / k;
     let n = w.len() / k;
-    // each task computes a block of columns for all rows, as (columns, M), then it is scattered
-    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(COLUMNS_PER_TASK))
-        .into_par_iter()
-        .map(|t| {
-            let j0 = t * COLUMNS_PER_TASK;
-            let j1 = (j0 + COLUMNS_PER_TASK).min(n);
-            let mut block = vec![0f32; (j1 - j0) * m];
-            columns(x, &w[j0 * k..j1 * k], k, &mut block);
-            (j0, block)
-        })
-        .collect();
-    for (j0, block) in blocks {
-        let cols = block.len() / m.max(1);
-        for (c, vals) in block.chunks_exact(m.max(1)).enumerate() {
-            for (i, v) in vals.iter().enumerate() {
-                out[i * n + j0 + c] = *v + bias.map_or(0.0, |b| b[j0 + c]);
-            }
+    if m == 0 || n == 0 {
+        return;
+    }
+    // the product transposed, (N, M): each task fills a contiguous block of columns
+    let mut t = vec![0f32; n * m];
+    t.par_chunks_mut(COLUMNS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(task, block)| {
+            let j0 = task * COLUMNS_PER_TASK;
+            let j1 = j0 + block.len() / m;
+            columns(x, &w[j0 * k..j1 * k], k, block);
+        });
+    for (j, vals) in t.chunks_exact(m).enumerate() {
+        let b = bias.map_or(0.0, |b| b[j]);
+        for (i, v) in vals.iter().enumerate() {
+            out[i * n + j] = v + b;
         }
-        debug_assert!(cols <= COLUMNS_PER_TASK);
     }
 }
 
