@@ -10,11 +10,11 @@
 //! from the config's `resolution` is listed in `attn_resolutions`, whatever size the input has. Any
 //! input whose height and width are divisible by the downsampling factor is accepted.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::{Conv2d, VarBuilder};
 
 use crate::config::{DdConfig, VqKind, VqModelConfig};
-use crate::nn::{conv, conv2d, normalize, swish, AttnBlock, Downsample, ResnetBlock, Upsample};
+use crate::nn::{conv, conv2d, normalize, AttnBlock, Downsample, Normalize, ResnetBlock, Upsample};
 use crate::quantize::{
     BetaPlacement, EmaVectorQuantizer, GumbelQuantizer, Quantized, Quantizer, Remap,
     VectorQuantizer,
@@ -71,7 +71,7 @@ pub struct Encoder {
     conv_in: Conv2d,
     down: Vec<Level<Downsample>>,
     mid: Mid,
-    norm_out: GroupNorm,
+    norm_out: Normalize,
     conv_out: Conv2d,
 }
 
@@ -146,7 +146,7 @@ impl Encoder {
             }
         }
         let h = self.mid.forward(&h)?;
-        let h = swish(&self.norm_out.forward(&h)?)?;
+        let h = self.norm_out.forward_swish(&h)?;
         conv(&self.conv_out, &h) // (B, z_out, h, w)
     }
 }
@@ -158,7 +158,7 @@ pub struct Decoder {
     mid: Mid,
     /// Indexed like the reference's `up` list: `up[0]` is the finest level, run last.
     up: Vec<Level<Upsample>>,
-    norm_out: GroupNorm,
+    norm_out: Normalize,
     conv_out: Conv2d,
     give_pre_end: bool,
 }
@@ -241,7 +241,7 @@ impl Decoder {
         if self.give_pre_end {
             return Ok((h.clone(), h));
         }
-        let h = swish(&self.norm_out.forward(&h)?)?; // (B, C, H, W)
+        let h = self.norm_out.forward_swish(&h)?; // (B, C, H, W)
         let out = conv(&self.conv_out, &h)?; // (B, out_ch, H, W)
         Ok((out, h))
     }

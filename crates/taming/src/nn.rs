@@ -13,7 +13,7 @@
 use std::cell::Cell;
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
 
 use crate::kernels::{conv2d_im2col, im2col_supported, Padding};
 use crate::Result;
@@ -96,14 +96,48 @@ pub const GROUP_NORM_EPS: f64 = 1e-6;
 /// The reference's GroupNorm group count.
 pub const GROUP_NORM_GROUPS: usize = 32;
 
-/// `Normalize(in_channels)`: GroupNorm(32, C, eps=1e-6, affine=True).
-pub fn normalize(channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
-    Ok(candle_nn::group_norm(
-        GROUP_NORM_GROUPS,
-        channels,
-        GROUP_NORM_EPS,
-        vb,
-    )?)
+/// `Normalize(in_channels)`: GroupNorm(32, C, eps=1e-6, affine=True), state-dict keys `weight`
+/// and `bias`. Runs as one fused kernel ([`crate::group_norm`]) on float32 CPU tensors.
+#[derive(Debug, Clone)]
+pub struct Normalize {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Normalize {
+    /// x: (B, C, ...) -> GroupNorm(x), same shape.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, false)
+    }
+
+    /// `nonlinearity(norm(x))`: GroupNorm then swish, in one pass where the kernel applies.
+    pub fn forward_swish(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, swish: bool) -> Result<Tensor> {
+        crate::group_norm::group_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            GROUP_NORM_GROUPS,
+            GROUP_NORM_EPS,
+            swish,
+        )
+    }
+}
+
+/// `Normalize(in_channels)` loaded from `vb` (`weight` and `bias`, each (C)).
+pub fn normalize(channels: usize, vb: VarBuilder) -> Result<Normalize> {
+    if channels % GROUP_NORM_GROUPS != 0 {
+        return Err(crate::Error::invalid(format!(
+            "GroupNorm: {channels} channels are not divisible into {GROUP_NORM_GROUPS} groups"
+        )));
+    }
+    Ok(Normalize {
+        weight: vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?,
+        bias: vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?,
+    })
 }
 
 /// A `torch.nn.Conv2d` with a square kernel, bias included.
@@ -131,9 +165,9 @@ pub fn swish(x: &Tensor) -> Result<Tensor> {
 /// `ResnetBlock` without timestep embedding (the VQGAN uses `temb_channels=0`).
 #[derive(Debug, Clone)]
 pub struct ResnetBlock {
-    norm1: GroupNorm,
+    norm1: Normalize,
     conv1: Conv2d,
-    norm2: GroupNorm,
+    norm2: Normalize,
     conv2: Conv2d,
     shortcut: Option<Conv2d>,
 }
@@ -162,9 +196,9 @@ impl ResnetBlock {
 
     /// x: (B, C_in, H, W) -> (B, C_out, H, W). Dropout is the identity at inference.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = swish(&self.norm1.forward(x)?)?; // (B, C_in, H, W)
+        let h = self.norm1.forward_swish(x)?; // (B, C_in, H, W)
         let h = conv(&self.conv1, &h)?; // (B, C_out, H, W)
-        let h = swish(&self.norm2.forward(&h)?)?;
+        let h = self.norm2.forward_swish(&h)?;
         let h = conv(&self.conv2, &h)?; // (B, C_out, H, W)
         let x = match &self.shortcut {
             Some(c) => conv(c, x)?, // (B, C_out, H, W)
@@ -177,7 +211,7 @@ impl ResnetBlock {
 /// `AttnBlock`: single-head spatial self-attention with 1x1 convolutions for q, k, v and the output.
 #[derive(Debug, Clone)]
 pub struct AttnBlock {
-    norm: GroupNorm,
+    norm: Normalize,
     q: Conv2d,
     k: Conv2d,
     v: Conv2d,
