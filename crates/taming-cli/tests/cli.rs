@@ -314,3 +314,123 @@ fn convert_and_inspect() {
         "{t}"
     );
 }
+
+/// A tiny VQGAN run on generated 16x16 images: `taming train` stops on SIGINT (Ctrl-C) after
+/// the current step, saves `last` (no temporary file left behind) and exits with 130; `-r`
+/// then continues from the saved step to the new limit.
+#[cfg(unix)]
+#[test]
+fn train_ctrl_c_saves_last_and_resume_continues() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let mut list = String::new();
+    for i in 0..6u32 {
+        let img = image::RgbImage::from_fn(16, 16, |x, y| {
+            image::Rgb([(x * 16 + i * 30) as u8, (y * 16) as u8, ((x + y) * 8) as u8])
+        });
+        let p = dir.path().join(format!("img{i}.png"));
+        img.save(&p).unwrap();
+        list.push_str(&format!("{}\n", p.display()));
+    }
+    std::fs::write(dir.path().join("train.txt"), list).unwrap();
+    let config = format!(
+        "model:
+  base_learning_rate: 1.0e-4
+  target: taming.models.vqgan.VQModel
+  params:
+    embed_dim: 4
+    n_embed: 16
+    ddconfig: {{double_z: false, z_channels: 4, resolution: 16, in_channels: 3, out_ch: 3, ch: 32, ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [], dropout: 0.0}}
+    lossconfig:
+      target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator
+      params: {{disc_start: 1000, perceptual_weight: 0.0, disc_in_channels: 3, disc_num_layers: 1, disc_ndf: 8}}
+data:
+  target: main.DataModuleFromConfig
+  params:
+    batch_size: 2
+    train:
+      target: taming.data.custom.CustomTrain
+      params: {{training_images_list_file: {}, size: 16}}
+",
+        dir.path().join("train.txt").display()
+    );
+    let cfg = dir.path().join("tiny.yaml");
+    std::fs::write(&cfg, config).unwrap();
+    let logs = dir.path().join("logs");
+    let child = Command::new(env!("CARGO_BIN_EXE_taming"))
+        .args(["train", "-b"])
+        .arg(&cfg)
+        .args([
+            "-n",
+            "tiny",
+            "--max-steps",
+            "100000",
+            "--log-every",
+            "1",
+            "--logdir",
+        ])
+        .arg(&logs)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // wait for a few steps in the metrics file
+    let t0 = Instant::now();
+    let run = loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no training progress"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let Some(run) = std::fs::read_dir(&logs)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+        else {
+            continue;
+        };
+        let rows = std::fs::read_to_string(run.path().join("metrics.csv")).unwrap_or_default();
+        if rows.lines().count() > 3 {
+            break run.path();
+        }
+    };
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(130), "{msg}");
+    assert!(msg.contains("interrupted at step"), "{msg}");
+    let last = run.join("checkpoints/last.safetensors");
+    assert!(last.exists(), "{msg}");
+    let leftovers: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "last.safetensors")
+        .collect();
+    assert!(leftovers.is_empty(), "unexpected files: {leftovers:?}");
+    let step: u64 = msg
+        .split("interrupted at step ")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no step in {msg}"));
+    assert!(step >= 3, "{msg}");
+    // resume: continues at the saved step, two more steps
+    let out = Command::new(env!("CARGO_BIN_EXE_taming"))
+        .args(["train", "-r"])
+        .arg(&run)
+        .args(["--max-steps", &(step + 2).to_string()])
+        .output()
+        .unwrap();
+    let msg = text(&out);
+    assert!(out.status.success(), "{msg}");
+    assert!(msg.contains(&format!("at step {step}")), "{msg}");
+    assert!(
+        msg.contains(&format!("finished at step {}", step + 2)),
+        "{msg}"
+    );
+}
