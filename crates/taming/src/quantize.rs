@@ -555,6 +555,50 @@ pub fn indices_tensor(v: Vec<u32>, b: usize, n: usize, device: &Device) -> Resul
 mod tests {
     use super::*;
 
+    /// `EMAVectorQuantizer`'s update worked by hand: codes 0 and 10 (D = 1), cluster sizes 1 and
+    /// 1, latents 1, 2 and 9 (nearest: 0, 0, 1).
+    #[test]
+    fn ema_update_is_the_textbook_formula() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let mut map = std::collections::HashMap::new();
+        map.insert(
+            "embedding.weight".to_string(),
+            Tensor::new(&[[0f32], [10.0]], &dev)?,
+        );
+        map.insert(
+            "embedding.cluster_size".to_string(),
+            Tensor::new(&[1f32, 1.0], &dev)?,
+        );
+        map.insert(
+            "embedding.embed_avg".to_string(),
+            Tensor::new(&[[0f32], [10.0]], &dev)?,
+        );
+        let q = EmaVectorQuantizer::new(
+            2,
+            1,
+            0.25,
+            None,
+            VarBuilder::from_tensors(map, DType::F32, &dev),
+        )?;
+        let z = Tensor::new(&[1f32, 2.0, 9.0], &dev)?.reshape((1, 1, 1, 3))?;
+        let u = q.ema_update(&z)?;
+        let cs = [0.99 + 0.01 * 2.0, 0.99 + 0.01 * 1.0];
+        let ea = [0.01 * 3.0, 0.99 * 10.0 + 0.01 * 9.0];
+        let n = cs[0] + cs[1];
+        let w: Vec<f64> = (0..2)
+            .map(|i| ea[i] / ((cs[i] + 1e-5) / (n + 2.0 * 1e-5) * n))
+            .collect();
+        let got_cs = u.cluster_size.to_vec1::<f32>()?;
+        let got_w = u.weight.flatten_all()?.to_vec1::<f32>()?;
+        let got_ea = u.embed_avg.flatten_all()?.to_vec1::<f32>()?;
+        for i in 0..2 {
+            assert!((got_cs[i] as f64 - cs[i]).abs() < 1e-6);
+            assert!((got_ea[i] as f64 - ea[i]).abs() < 1e-5);
+            assert!((got_w[i] as f64 - w[i]).abs() < 1e-5, "{got_w:?} vs {w:?}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn remap_roundtrip_and_unknown_indices() -> anyhow::Result<()> {
         let extra = Remap::new(vec![3, 7, 9], UnknownIndex::Extra);

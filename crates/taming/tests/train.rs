@@ -307,3 +307,137 @@ model:
         .unwrap();
     assert_eq!(out.images.unwrap().dims(), [1, 3, 16, 16]);
 }
+
+/// The tiny VQGAN as a `GumbelVQ` (temperature annealed 0.9 -> 0.1 over 40 steps) or an `EMAVQ`,
+/// reconstruction only.
+fn variant_trainer(target: &str, extra: &str) -> train::vqgan::VqganTrainer {
+    let yaml = VQGAN
+        .replace("disc_start: 2", "disc_start: 1000")
+        .replace("taming.models.vqgan.VQModel", target)
+        .replace("    embed_dim: 8\n", &format!("    embed_dim: 8\n{extra}"));
+    let cfg = match ProjectConfig::from_yaml_str(&yaml, "tiny.yaml")
+        .unwrap()
+        .model
+    {
+        ModelConfig::Vq(c) => c,
+        _ => unreachable!(),
+    };
+    train::vqgan::VqganTrainer::new(&cfg, None, None, 2e-3, 1, 2, &Device::Cpu).unwrap()
+}
+
+fn fit_and_compare(t: &mut train::vqgan::VqganTrainer, steps: u64) -> (f64, f64) {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = RunDir::create(tmp.path(), "fit", VQGAN).unwrap();
+    let data = Toy {
+        n: 8,
+        batch: 2,
+        size: 16,
+    };
+    let first = data.epoch(0, 0).next().unwrap().unwrap();
+    let before = t.validate(&first).unwrap()["val/rec_loss"];
+    let mut state = TrainState {
+        seed: 1,
+        ..Default::default()
+    };
+    run_fit(t, &run, steps, &mut state);
+    (before, t.validate(&first).unwrap()["val/rec_loss"])
+}
+
+#[test]
+fn gumbel_vq_trains_with_its_temperature_schedule() {
+    let sched = "    kl_weight: 1.0e-8\n    temperature_scheduler_config:\n      target: taming.lr_scheduler.LambdaWarmUpCosineScheduler\n      params: {warm_up_steps: 5, max_decay_steps: 40, lr_start: 0.9, lr_max: 0.9, lr_min: 0.1}\n";
+    let mut t = variant_trainer("taming.models.vqgan.GumbelVQ", sched);
+    let data = Toy {
+        n: 8,
+        batch: 2,
+        size: 16,
+    };
+    let batch = data.epoch(0, 0).next().unwrap().unwrap();
+    // the schedule's value is logged at each step (annealed after the warm-up)
+    let m = t
+        .step(
+            &batch,
+            &TrainState {
+                global_step: 0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(m["temperature"], 0.9);
+    let m = t
+        .step(
+            &batch,
+            &TrainState {
+                global_step: 40,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!((m["temperature"] - 0.1).abs() < 1e-12);
+    assert!(m["train/quant_loss"].is_finite());
+    let (before, after) = fit_and_compare(&mut t, 40);
+    assert!(after < 0.8 * before, "rec loss {before} -> {after}");
+    // a Gumbel model without a schedule cannot be trained, and says why
+    let yaml = VQGAN.replace(
+        "taming.models.vqgan.VQModel",
+        "taming.models.vqgan.GumbelVQ",
+    );
+    let ModelConfig::Vq(cfg) = ProjectConfig::from_yaml_str(&yaml, "g.yaml").unwrap().model else {
+        unreachable!()
+    };
+    let e = train::vqgan::VqganTrainer::new(&cfg, None, None, 1e-3, 1, 2, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("temperature_scheduler_config"), "{e}");
+}
+
+#[test]
+fn ema_vq_moves_its_codebook_by_averages_not_by_the_optimizer() {
+    let mut t = variant_trainer("taming.models.vqgan.EMAVQ", "");
+    // copies: the state tensors share the variables' storage, which the EMA updates in place
+    let initial: BTreeMap<String, Tensor> = t
+        .state_tensors()
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.copy().unwrap()))
+        .collect();
+    assert_eq!(
+        initial["quantize.embedding.embed_avg"]
+            .to_vec2::<f32>()
+            .unwrap(),
+        initial["quantize.embedding.weight"]
+            .to_vec2::<f32>()
+            .unwrap(),
+        "EmbeddingEMA starts with embed_avg = weight"
+    );
+    let (before, after) = fit_and_compare(&mut t, 40);
+    assert!(after < 0.8 * before, "rec loss {before} -> {after}");
+    let st = t.state_tensors().unwrap();
+    assert!(
+        !st.keys()
+            .any(|k| k.starts_with("optimizer_states.0.") && k.contains("quantize.")),
+        "codebook in the optimizer"
+    );
+    // two EMA updates per step (one per forward pass): the cluster sizes approach the latents
+    // seen per pass (2 images x 8x8 positions = 128) from 0 as 128 * (1 - 0.99^(2 * 40))
+    let total: f32 = st["quantize.embedding.cluster_size"]
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let expected = 128.0 * (1.0 - 0.99f32.powi(80));
+    assert!(
+        (total - expected).abs() < 1e-3 * expected,
+        "{total} vs {expected}"
+    );
+    let moved = (&st["quantize.embedding.weight"] - &initial["quantize.embedding.weight"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(moved > 0.1, "codebook did not move: {moved}");
+}

@@ -73,11 +73,14 @@ fn fan_in(dims: &[usize]) -> usize {
     dims.iter().skip(1).product::<usize>().max(1)
 }
 
-/// Re-initialises a VQGAN-style model (encoder/decoder convs, GroupNorms, codebook) built on `map`.
+/// Re-initialises a VQGAN-style model (encoder/decoder convs, GroupNorms, codebook) built on `map`
+/// as the reference's constructors do (the codebook by quantizer: `VectorQuantizer2` uniform,
+/// `GumbelQuantize` and `EMAVectorQuantizer` standard normal, the EMA statistics from it).
 /// `n_embed` is the codebook size. Variables under `skip_prefixes` are left alone.
 pub fn reinit_vqgan(map: &VarMap, seed: u64, n_embed: usize, skip_prefixes: &[&str]) -> Result<()> {
     let mut rng = InitRng(ChaCha8Rng::seed_from_u64(seed));
     let vars = sorted_vars(map);
+    let ema = vars.iter().any(|(k, _)| k.ends_with("embedding.embed_avg"));
     for (name, var) in &vars {
         if skip_prefixes.iter().any(|p| name.starts_with(p)) || !var.dtype().is_float() {
             continue;
@@ -85,7 +88,26 @@ pub fn reinit_vqgan(map: &VarMap, seed: u64, n_embed: usize, skip_prefixes: &[&s
         let n = var.elem_count();
         let dims = var.dims().to_vec();
         let is_norm = name.contains("norm");
-        if name.ends_with("embedding.weight") || name.ends_with("embed.weight") {
+        if name.ends_with("embedding.cluster_size") {
+            // EMAVectorQuantizer: no code has been seen yet
+            set(var, vec![0.0; n])?;
+        } else if name.ends_with("embedding.embed_avg") {
+            // set together with the codebook it starts equal to (below)
+        } else if name.ends_with("embedding.weight") && ema {
+            // EmbeddingEMA: weight = torch.randn(K, D), embed_avg = weight.clone()
+            let values = rng.normal(n, 1.0);
+            if let Some((_, avg)) = vars
+                .iter()
+                .find(|(k, _)| k.ends_with("embedding.embed_avg"))
+            {
+                set(avg, values.clone())?;
+            }
+            set(var, values)?;
+        } else if name.ends_with("embed.weight") {
+            // GumbelQuantize's codebook is a plain nn.Embedding: N(0, 1)
+            set(var, rng.normal(n, 1.0))?;
+        } else if name.ends_with("embedding.weight") {
+            // VectorQuantizer2: uniform(-1/K, 1/K)
             set(var, rng.uniform(n, 1.0 / n_embed as f64))?;
         } else if is_norm && name.ends_with(".weight") {
             set(var, vec![1.0; n])?;

@@ -15,6 +15,7 @@
 
 pub mod gpt;
 pub mod init;
+pub mod lr_scheduler;
 pub mod optim;
 pub mod run;
 pub mod vqgan;

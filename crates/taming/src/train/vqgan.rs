@@ -1,5 +1,11 @@
-//! Training a first stage: `VQModel` with `VQLPIPSWithDiscriminator` (two optimizers) and
-//! `VQSegmentationModel` with `BCELossWithQuant` (one).
+//! Training a first stage: `VQModel`, `GumbelVQ` and `EMAVQ` with `VQLPIPSWithDiscriminator`
+//! (two optimizers) and `VQSegmentationModel` with `BCELossWithQuant` (one).
+//!
+//! `GumbelVQ` anneals the Gumbel-softmax temperature by its `temperature_scheduler_config` at
+//! every step and adds the KL term to the prior (its quantizer loss). `EMAVQ` keeps its codebook
+//! out of the optimizer and moves it by exponential moving averages, once per forward pass in
+//! training as the reference's `EMAVectorQuantizer.forward` does (so twice per batch: Lightning
+//! runs `training_step` once per optimizer).
 //!
 //! Mirrors `taming/models/vqgan.py` (`training_step`, `validation_step`, `configure_optimizers`,
 //! `log_images`) as PyTorch Lightning runs it with two optimizers: for each batch the autoencoder
@@ -16,9 +22,10 @@ use candle_nn::{VarBuilder, VarMap};
 use image::RgbImage;
 
 use super::init::{reinit_vqgan, sorted_vars};
+use super::lr_scheduler::WarmUpCosine;
 use super::optim::{Adam, AdamConfig};
 use super::run::{optimizer_prefix, TrainState};
-use super::{codebook_usage, Batch, Trainer};
+use super::{codebook_usage, step_rng, Batch, Trainer};
 use crate::checkpoint::trainable::{require_loaded, varmap_from_state_dict};
 use crate::checkpoint::StateDict;
 use crate::config::{VqKind, VqModelConfig};
@@ -27,6 +34,7 @@ use crate::losses::lpips::Lpips;
 use crate::losses::segmentation::BceWithQuant;
 use crate::losses::vqperceptual::{LastLayer, VqLoss};
 use crate::losses::LossConfig;
+use crate::quantize::Quantizer;
 use crate::{Error, Result};
 
 /// The loss of the model being trained.
@@ -48,6 +56,10 @@ pub struct VqganTrainer {
     image_key: String,
     n_embed: usize,
     max_images: usize,
+    /// GumbelVQ's temperature schedule.
+    temperature: Option<WarmUpCosine>,
+    /// The run's seed (Gumbel noise).
+    seed: u64,
 }
 
 /// Tensors of `sd` that are model weights (not loss networks, not optimizer state).
@@ -85,13 +97,21 @@ impl VqganTrainer {
         max_images: usize,
         device: &Device,
     ) -> Result<Self> {
-        match cfg.kind {
-            VqKind::VqModel | VqKind::Segmentation { .. } => {}
-            _ => return Err(Error::invalid(
-                "training is implemented for VQModel and VQSegmentationModel; GumbelVQ and EMAVQ \
-                     models can be loaded and sampled but not trained yet",
-            )),
-        }
+        let temperature = match &cfg.kind {
+            VqKind::Gumbel {
+                temperature_scheduler,
+                ..
+            } => {
+                let origin = "model.params.temperature_scheduler_config";
+                let t = temperature_scheduler.as_ref().ok_or_else(|| Error::Config {
+                    origin: origin.into(),
+                    msg: "training a GumbelVQ needs a temperature schedule (e.g. taming.lr_scheduler.LambdaWarmUpCosineScheduler)".into(),
+                })?;
+                Some(WarmUpCosine::from_target(t, origin)?)
+            }
+            _ => None,
+        };
+        let ema = cfg.kind == VqKind::Ema;
         let weights = init.map(model_weights);
         let varmap = match &weights {
             Some(w) => varmap_from_state_dict(w, None, DType::F32, device)?,
@@ -114,10 +134,11 @@ impl VqganTrainer {
                 }
             }
         }
-        // every variable but the colorize buffer is trained by the autoencoder's optimizer
+        // every variable but the colorize buffer (and an EMA codebook) is trained by the
+        // autoencoder's optimizer
         let params: Vec<(String, Var, f64)> = sorted_vars(&varmap)
             .into_iter()
-            .filter(|(k, _)| k != "colorize")
+            .filter(|(k, _)| k != "colorize" && !(ema && k.starts_with("quantize.")))
             .map(|(k, v)| (k, v, 0.0))
             .collect();
         let opt = Adam::new(params, AdamConfig::adam(lr, 0.5, 0.9))?;
@@ -166,7 +187,51 @@ impl VqganTrainer {
             image_key: cfg.image_key.clone(),
             n_embed: cfg.n_embed,
             max_images,
+            temperature,
+            seed,
         })
+    }
+
+    /// The training forward pass at `step`; `draw` tells the Gumbel noise of this pass apart from
+    /// the other pass of the same step. An EMA codebook is moved by the latents it saw.
+    /// (An associated function over the fields it reads, so that it can run while the loss is
+    /// borrowed mutably.)
+    fn forward_train(
+        model: &VqModel,
+        varmap: &VarMap,
+        temperature: Option<WarmUpCosine>,
+        seed: u64,
+        x: &Tensor,
+        step: u64,
+        draw: u64,
+    ) -> Result<crate::first_stage::TrainForward> {
+        let gumbel = temperature.map(|t| {
+            use rand::Rng;
+            (
+                t.at(step),
+                step_rng(seed, step, 0x6e6f_6973 + draw).random::<u64>(),
+            )
+        });
+        let out = model.forward_train_with(x, gumbel)?;
+        if let Quantizer::Ema(q) = model.quantizer() {
+            // nothing in the graph reads the codebook's values, so it can move before backward
+            let u = q.ema_update(&out.prequant)?;
+            let data = varmap
+                .data()
+                .lock()
+                .map_err(|_| Error::invalid("variable map poisoned"))?;
+            for (name, value) in [
+                ("quantize.embedding.weight", &u.weight),
+                ("quantize.embedding.cluster_size", &u.cluster_size),
+                ("quantize.embedding.embed_avg", &u.embed_avg),
+            ] {
+                let var = data
+                    .get(name)
+                    .ok_or_else(|| Error::invalid(format!("EMAVQ without `{name}`")))?;
+                var.set(value)?;
+            }
+        }
+        Ok(out)
     }
 
     pub fn model(&self) -> &VqModel {
@@ -218,6 +283,9 @@ impl Trainer for VqganTrainer {
             Objective::Bce(_) => vec!["train/total_loss", "train/bce_loss", "train/quant_loss"],
         };
         v.extend(["train/perplexity", "train/codes_used", "lr"]);
+        if self.temperature.is_some() {
+            v.push("temperature");
+        }
         v.into_iter().map(String::from).collect()
     }
 
@@ -226,7 +294,15 @@ impl Trainer for VqganTrainer {
         let step = state.global_step;
         let mut m = BTreeMap::new();
         let mode = crate::nn::training_mode();
-        let out = self.model.forward_train(&x)?;
+        let out = Self::forward_train(
+            &self.model,
+            &self.varmap,
+            self.temperature,
+            self.seed,
+            &x,
+            step,
+            0,
+        )?;
         let (ppl, used) = codebook_usage(&out.indices, self.n_embed)?;
         match &mut self.objective {
             Objective::Gan { loss, opt, .. } => {
@@ -257,8 +333,24 @@ impl Trainer for VqganTrainer {
                     m.insert(format!("train/{name}"), *v as f64);
                 }
                 // optimizer_idx 1: the reference runs the model again with the updated weights
-                drop(mode);
-                let xrec = self.model.forward(&x)?.0.detach();
+                // (in training mode: a new Gumbel draw, another EMA update)
+                let xrec = match (&self.temperature, self.model.quantizer()) {
+                    (None, Quantizer::Vq(_)) => {
+                        drop(mode);
+                        self.model.forward(&x)?.0.detach()
+                    }
+                    _ => Self::forward_train(
+                        &self.model,
+                        &self.varmap,
+                        self.temperature,
+                        self.seed,
+                        &x,
+                        step,
+                        1,
+                    )?
+                    .reconstruction
+                    .detach(),
+                };
                 let _mode = crate::nn::training_mode();
                 let disc = loss.discriminator_step(&x, &xrec, step, None)?;
                 let grads = disc.total.backward()?;
@@ -280,6 +372,9 @@ impl Trainer for VqganTrainer {
         m.insert("train/perplexity".into(), ppl);
         m.insert("train/codes_used".into(), used);
         m.insert("lr".into(), self.opt.learning_rate());
+        if let Some(t) = &self.temperature {
+            m.insert("temperature".into(), t.at(step));
+        }
         Ok(m)
     }
 
