@@ -193,16 +193,25 @@ pub fn train(a: TrainArgs) -> anyhow::Result<std::process::ExitCode> {
         .as_ref()
         .map(taming::checkpoint::StateDict::load)
         .transpose()?;
+    // a taming-rs option (not Lightning's): restart codes no latent has chosen for a while
+    let restart = lookup_u64(raw, &["lightning", "trainer", "restart_unused_codes"])?.unwrap_or(0);
+    if restart > 0 && !matches!(config.model, ModelConfig::Vq(_)) {
+        bail!("lightning.trainer.restart_unused_codes applies to first-stage (VQ) training only");
+    }
     let mut trainer: Box<dyn train::Trainer> = match &config.model {
-        ModelConfig::Vq(cfg) => Box::new(train::vqgan::VqganTrainer::new(
-            cfg,
-            init.as_ref(),
-            a.lpips.as_deref(),
-            lr,
-            seed,
-            opts.max_images,
-            &device,
-        )?),
+        ModelConfig::Vq(cfg) => {
+            let mut t = train::vqgan::VqganTrainer::new(
+                cfg,
+                init.as_ref(),
+                a.lpips.as_deref(),
+                lr,
+                seed,
+                opts.max_images,
+                &device,
+            )?;
+            t.set_restart_unused_codes(restart)?;
+            Box::new(t)
+        }
         ModelConfig::Transformer(cfg) => Box::new(train::gpt::GptTrainer::new(
             cfg,
             init.as_ref(),

@@ -441,3 +441,51 @@ fn ema_vq_moves_its_codebook_by_averages_not_by_the_optimizer() {
         .unwrap();
     assert!(moved > 0.1, "codebook did not move: {moved}");
 }
+
+#[test]
+fn restarting_unused_codes_raises_codebook_usage() {
+    // 128 codes for 8 toy images: most stay unused without help
+    let yaml = VQGAN
+        .replace("disc_start: 2", "disc_start: 1000")
+        .replace("n_embed: 16", "n_embed: 128");
+    let ModelConfig::Vq(cfg) = ProjectConfig::from_yaml_str(&yaml, "tiny.yaml")
+        .unwrap()
+        .model
+    else {
+        unreachable!()
+    };
+    let usage = |every: u64| {
+        let mut t =
+            train::vqgan::VqganTrainer::new(&cfg, None, None, 2e-3, 3, 2, &Device::Cpu).unwrap();
+        t.set_restart_unused_codes(every).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunDir::create(tmp.path(), "fit", VQGAN).unwrap();
+        let mut state = TrainState {
+            seed: 3,
+            ..Default::default()
+        };
+        run_fit(&mut t, &run, 60, &mut state);
+        let data = Toy {
+            n: 8,
+            batch: 8,
+            size: 16,
+        };
+        let all = data.epoch(0, 0).next().unwrap().unwrap();
+        let (_, rows) = train::run::read_metrics(&run.metrics_csv()).unwrap();
+        (t.validate(&all).unwrap()["val/codes_used"], rows.len())
+    };
+    let (plain, _) = usage(0);
+    let (restarted, _) = usage(10);
+    assert!(
+        restarted > plain,
+        "codes used: {plain} without restarts, {restarted} with"
+    );
+    // only first stages with a VectorQuantizer2 codebook take the option
+    let sched = "    kl_weight: 1.0e-8\n    temperature_scheduler_config:\n      target: taming.lr_scheduler.LambdaWarmUpCosineScheduler\n      params: {warm_up_steps: 5, max_decay_steps: 40, lr_start: 0.9, lr_max: 0.9, lr_min: 0.1}\n";
+    let mut g = variant_trainer("taming.models.vqgan.GumbelVQ", sched);
+    assert!(g
+        .set_restart_unused_codes(10)
+        .unwrap_err()
+        .to_string()
+        .contains("VectorQuantizer2"));
+}

@@ -129,6 +129,37 @@ impl Adam {
         self.slots.iter().map(|s| (s.name.as_str(), &s.var))
     }
 
+    /// The second moment (`exp_avg_sq`) of parameter `name`, once it has had a gradient.
+    pub fn second_moment(&self, name: &str) -> Option<&Tensor> {
+        self.slots
+            .iter()
+            .find(|s| s.name == name)
+            .and_then(|s| s.state.as_ref().map(|(_, v)| v))
+    }
+
+    /// Zeroes both moments of rows `rows` (along dim 0) of parameter `name`, for rows whose
+    /// values were just replaced.
+    pub fn reset_rows(&mut self, name: &str, rows: &[usize]) -> Result<()> {
+        let Some(slot) = self.slots.iter_mut().find(|s| s.name == name) else {
+            return Err(Error::invalid(format!(
+                "no parameter {name} in the optimizer"
+            )));
+        };
+        if let Some((m, v)) = &mut slot.state {
+            let n = m.dim(0)?;
+            let mut keep = vec![1f32; n];
+            for &r in rows.iter().filter(|r| **r < n) {
+                keep[r] = 0.0;
+            }
+            let mut shape = vec![1; m.rank()];
+            shape[0] = n;
+            let keep = Tensor::from_vec(keep, shape, m.device())?.to_dtype(m.dtype())?;
+            *m = m.broadcast_mul(&keep)?;
+            *v = v.broadcast_mul(&keep)?;
+        }
+        Ok(())
+    }
+
     /// Euclidean norm of all gradients present in `grads` (for logging).
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
         let mut sum = 0f64;

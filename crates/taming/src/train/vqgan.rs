@@ -58,9 +58,15 @@ pub struct VqganTrainer {
     max_images: usize,
     /// GumbelVQ's temperature schedule.
     temperature: Option<WarmUpCosine>,
-    /// The run's seed (Gumbel noise).
+    /// The run's seed (Gumbel noise, code restarts).
     seed: u64,
+    /// Restart unused codes every this many steps (0: never; a taming-rs option).
+    restart_every: u64,
 }
+
+/// A code counts as unused when its Adam second moment fell below this share of the largest
+/// code's: gradients decay by beta2 = 0.9 per step, so about 90 steps without being chosen.
+const UNUSED_CODE_MOMENT: f64 = 1e-4;
 
 /// Tensors of `sd` that are model weights (not loss networks, not optimizer state).
 fn model_weights(sd: &StateDict) -> StateDict {
@@ -189,7 +195,69 @@ impl VqganTrainer {
             max_images,
             temperature,
             seed,
+            restart_every: 0,
         })
+    }
+
+    /// Restarts unused codes every `every` steps (0: never): each code that no latent has chosen
+    /// for about 90 steps (its Adam second moment decayed below 1e-4 of the largest) is moved onto
+    /// a latent of the current batch drawn at random, and its optimizer moments are zeroed. Not in
+    /// the reference, whose codebooks often end up mostly unused; only for `VQModel` and
+    /// `VQSegmentationModel` (VectorQuantizer2). Decided from the saved optimizer state alone, so
+    /// a resumed run restarts the same codes.
+    pub fn set_restart_unused_codes(&mut self, every: u64) -> Result<()> {
+        if every > 0 && !matches!(self.model.quantizer(), Quantizer::Vq(_)) {
+            return Err(Error::invalid(
+                "restart_unused_codes applies to VectorQuantizer2 codebooks (VQModel, VQSegmentationModel) only",
+            ));
+        }
+        self.restart_every = every;
+        Ok(())
+    }
+
+    /// See [`VqganTrainer::set_restart_unused_codes`]; returns how many codes moved.
+    fn restart_unused_codes(&mut self, prequant: &Tensor, step: u64) -> Result<usize> {
+        use rand::Rng;
+        const NAME: &str = "quantize.embedding.weight";
+        let Some(v) = self.opt.second_moment(NAME) else {
+            return Ok(0);
+        };
+        let usage = v.max(1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?; // (K)
+        let top = usage.iter().copied().fold(0f32, f32::max) as f64;
+        if top <= 0.0 {
+            return Ok(0);
+        }
+        let dead: Vec<usize> = (0..usage.len())
+            .filter(|&i| (usage[i] as f64) < UNUSED_CODE_MOMENT * top)
+            .collect();
+        if dead.is_empty() {
+            return Ok(0);
+        }
+        let d = prequant.dim(1)?;
+        let latents = prequant
+            .detach()
+            .permute((0, 2, 3, 1))?
+            .reshape(((), d))?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?; // (N, D)
+        let var = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::invalid("variable map poisoned"))?
+            .get(NAME)
+            .cloned()
+            .ok_or_else(|| Error::invalid(format!("no {NAME} to restart")))?;
+        let mut codes = var.as_tensor().to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let mut rng = step_rng(self.seed, step, 0x7265_7374);
+        for &i in &dead {
+            codes[i] = latents[rng.random_range(0..latents.len())].clone();
+        }
+        let k = codes.len();
+        let flat: Vec<f32> = codes.into_iter().flatten().collect();
+        var.set(&Tensor::from_vec(flat, (k, d), var.device())?.to_dtype(var.dtype())?)?;
+        self.opt.reset_rows(NAME, &dead)?;
+        Ok(dead.len())
     }
 
     /// The training forward pass at `step`; `draw` tells the Gumbel noise of this pass apart from
@@ -286,6 +354,9 @@ impl Trainer for VqganTrainer {
         if self.temperature.is_some() {
             v.push("temperature");
         }
+        if self.restart_every > 0 {
+            v.push("train/codes_restarted");
+        }
         v.into_iter().map(String::from).collect()
     }
 
@@ -368,6 +439,10 @@ impl Trainer for VqganTrainer {
                 self.opt.step(&grads)?;
                 put(&mut m, "train/", &logs);
             }
+        }
+        if self.restart_every > 0 && (step + 1) % self.restart_every == 0 {
+            let n = self.restart_unused_codes(&out.prequant, step)?;
+            m.insert("train/codes_restarted".into(), n as f64);
         }
         m.insert("train/perplexity".into(), ppl);
         m.insert("train/codes_used".into(), used);
