@@ -14,6 +14,9 @@ import argparse, json, sys, time, types
 
 import torch
 import torch.nn.functional as F
+
+# mingpt imports a helper that `transformers` has since removed; training does not call it
+sys.modules.setdefault("transformers", types.SimpleNamespace(top_k_top_p_filtering=None))
 import torchvision
 import yaml
 
