@@ -87,6 +87,13 @@ pub fn plot(a: PlotArgs) -> anyhow::Result<std::process::ExitCode> {
         }
         root.present()?;
     }
+    // a temporary file is private (0600); the plot is an ordinary output file
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("cannot write {}", out.display()))?;
+    }
     tmp.persist(&out)
         .with_context(|| format!("cannot write {}", out.display()))?;
     println!("wrote {}", out.display());
