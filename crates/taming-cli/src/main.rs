@@ -10,6 +10,7 @@ mod first_stage_cmds;
 mod inspect;
 mod plot_cmd;
 mod sample_cmd;
+mod scenes_cmd;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -47,6 +48,8 @@ enum Cmd {
     Sample(sample_cmd::SampleArgs),
     /// Train a first stage or a transformer from a config (the reference's `main.py --train`).
     Train(train_cmd::TrainArgs),
+    /// Write procedural outdoor scenes (picture, label map, depth map) as a dataset folder.
+    Scenes(scenes_cmd::ScenesArgs),
     /// Draw a run's metrics.csv as loss curves (PNG).
     Plot(plot_cmd::PlotArgs),
     /// Benchmarks, printing JSON lines.
@@ -80,6 +83,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Sample(a) => sample_cmd::sample(a),
         Cmd::Train(a) => train_cmd::train(a),
         Cmd::Plot(a) => plot_cmd::plot(a),
+        Cmd::Scenes(a) => scenes_cmd::scenes(a),
         Cmd::Bench(b) => bench::run(b),
     };
     match result {

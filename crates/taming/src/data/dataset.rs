@@ -460,13 +460,14 @@ fn load_example<R: Rng>(
         labels = labels.map(|l| rescale(&l, size, Resample::Nearest));
         depth = depth.map(|d| rescale(&d, size, Resample::Bilinear));
         let (w, h) = image.dimensions();
+        let side = t.crop_size.unwrap_or(size); // the crop after the rescale
         let origin = if t.random_crop {
-            image_io::random_crop_origin(w, h, size, size, rng)
+            image_io::random_crop_origin(w, h, side, side, rng)
         } else {
-            image_io::center_crop_origin(w, h, size, size)
+            image_io::center_crop_origin(w, h, side, side)
         };
         let fatal = LoadError::Fatal;
-        image = image_io::crop(&image, origin, size, size).map_err(fatal)?;
+        image = image_io::crop(&image, origin, side, side).map_err(fatal)?;
         if let (Some(l), Some(p)) = (&labels, &ex.aux) {
             if l.dimensions() != (w, h) {
                 return Err(mismatch(
@@ -477,7 +478,7 @@ fn load_example<R: Rng>(
                     " after rescaling",
                 ));
             }
-            labels = Some(image_io::crop(l, origin, size, size).map_err(fatal)?);
+            labels = Some(image_io::crop(l, origin, side, side).map_err(fatal)?);
         }
         if let (Some(d), Some(p)) = (&depth, &ex.aux) {
             if d.dimensions() != (w, h) {
@@ -489,7 +490,7 @@ fn load_example<R: Rng>(
                     " after rescaling",
                 ));
             }
-            depth = Some(image_io::crop(d, origin, size, size).map_err(fatal)?);
+            depth = Some(image_io::crop(d, origin, side, side).map_err(fatal)?);
         }
     }
     if t.flip && rng.random_bool(0.5) {
@@ -748,6 +749,49 @@ mod tests {
     }
 
     #[test]
+    fn crop_size_crops_without_rescaling_further() -> anyhow::Result<()> {
+        // 12x8 at size 8 is not rescaled; a 4x4 crop keeps the pixel scale (column x -> red 10x).
+        let dir = tempfile::tempdir()?;
+        let img = RgbImage::from_fn(12, 8, |x, _| image::Rgb([x as u8 * 10, 0, 0]));
+        let lab = GrayImage::from_fn(12, 8, |x, _| Luma([x as u8]));
+        let (ip, lp) = (dir.path().join("i.png"), dir.path().join("l.png"));
+        img.save(&ip)?;
+        lab.save(&lp)?;
+        let ex = Example {
+            image: ip,
+            aux: Some(lp),
+            class_label: None,
+        };
+        let t = Transform {
+            size: Some(8),
+            crop_size: Some(4),
+            random_crop: true,
+            flip: false,
+            interpolation: Resample::Bicubic,
+        };
+        let kind = Kind::Segmentation {
+            n_labels: 12,
+            shift: false,
+        };
+        use rand::SeedableRng;
+        let mut origins = std::collections::BTreeSet::new();
+        for seed in 0..32 {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let s = load_example(&ex, kind, &t, &mut rng).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let l = s.labels.ok_or_else(|| anyhow::anyhow!("labels"))?;
+            assert_eq!(s.image.dimensions(), (4, 4));
+            let x0 = l.get_pixel(0, 0).0[0];
+            for (x, y, p) in s.image.enumerate_pixels() {
+                assert_eq!(l.get_pixel(x, y).0[0], x0 + x as u8);
+                assert_eq!(p.0[0], l.get_pixel(x, y).0[0] * 10);
+            }
+            origins.insert(x0);
+        }
+        assert!(origins.len() > 3, "random crops vary: {origins:?}");
+        Ok(())
+    }
+
+    #[test]
     fn crop_and_flip_shared_by_the_pair() -> anyhow::Result<()> {
         // Labels encode the column: after any crop/flip, image red == label * 10.
         let dir = tempfile::tempdir()?;
@@ -763,6 +807,7 @@ mod tests {
         };
         let t = Transform {
             size: Some(8),
+            crop_size: None,
             random_crop: true,
             flip: true,
             interpolation: Resample::Nearest,

@@ -78,11 +78,14 @@ impl Resample {
     }
 }
 
-/// Geometry of an example: `SmallestMaxSize(size)` then a `size` x `size` crop, then a flip.
+/// Geometry of an example: `SmallestMaxSize(size)` then a `crop_size` x `crop_size` crop (default
+/// `size`), then a flip.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transform {
     /// None (or `<= 0` in the config): images are used at their own size, uncropped.
     pub size: Option<u32>,
+    /// Side of the crop after the rescale (the reference's ADE20k `crop_size`); None: `size`.
+    pub crop_size: Option<u32>,
     /// Random instead of center crop (only with `size`).
     pub random_crop: bool,
     /// Horizontal flip with probability 0.5.
@@ -360,6 +363,7 @@ impl DatasetSpec {
                     Source::ImageList { list_file },
                     Transform {
                         size: p.size("size", None)?,
+                        crop_size: None,
                         random_crop: p.bool("random_crop", false)?,
                         flip: p.bool("flip", false)?,
                         interpolation: Resample::Bilinear,
@@ -374,6 +378,7 @@ impl DatasetSpec {
                     },
                     Transform {
                         size: p.size("size", None)?,
+                        crop_size: None,
                         random_crop: p.bool("random_crop", false)?,
                         flip: p.bool("flip", false)?,
                         interpolation: Resample::Bilinear,
@@ -395,8 +400,27 @@ impl DatasetSpec {
                         "n_labels",
                         "shift_segmentation",
                         "flip",
+                        "crop_size",
                     ],
                 )?;
+                let size = p.size("size", None)?;
+                let crop_size = p.size("crop_size", None)?;
+                if let (Some(c), Some(s)) = (crop_size, size) {
+                    if c > s {
+                        return Err(err(
+                            &p.path("crop_size"),
+                            format!(
+                                "{c} is larger than `size` ({s}), the side images are rescaled to"
+                            ),
+                        ));
+                    }
+                }
+                if crop_size.is_some() && size.is_none() {
+                    return Err(err(
+                        &p.path("crop_size"),
+                        "needs `size` (the side images are rescaled to)",
+                    ));
+                }
                 let n_labels = p.usize("n_labels")?.unwrap_or(182);
                 if n_labels == 0 {
                     return Err(err(&p.path("n_labels"), "must be at least 1"));
@@ -410,7 +434,8 @@ impl DatasetSpec {
                         shift_segmentation: p.bool("shift_segmentation", false)?,
                     },
                     Transform {
-                        size: p.size("size", None)?,
+                        size,
+                        crop_size,
                         random_crop: p.bool("random_crop", false)?,
                         flip: p.bool("flip", false)?,
                         interpolation: p.interpolation("interpolation")?,
@@ -448,6 +473,7 @@ impl DatasetSpec {
                     },
                     Transform {
                         size: p.size("size", default_size)?,
+                        crop_size: None,
                         random_crop: p.bool("random_crop", false)?,
                         flip: p.bool("flip", false)?,
                         interpolation: p.interpolation("interpolation")?,
@@ -477,6 +503,7 @@ impl DatasetSpec {
                     },
                     Transform {
                         size: p.size("size", Some(256))?,
+                        crop_size: None,
                         random_crop: p.bool("random_crop", false)?,
                         flip: p.bool("flip", false)?,
                         interpolation: Resample::Bilinear,
@@ -507,6 +534,7 @@ impl DatasetSpec {
                     },
                     Transform {
                         size: p.size("size", None)?,
+                        crop_size: None,
                         random_crop,
                         // `get_preprocessor` flips whenever it crops at random.
                         flip: p.bool("flip", random_crop)?,
@@ -693,6 +721,7 @@ mod tests {
             train[0].transform,
             Transform {
                 size: Some(256),
+                crop_size: None,
                 random_crop: false,
                 flip: false,
                 interpolation: Resample::Bilinear
@@ -741,6 +770,24 @@ mod tests {
             "k",
         )?;
         assert!(s.transform.flip);
+        Ok(())
+    }
+
+    #[test]
+    fn crop_size_no_larger_than_size() -> anyhow::Result<()> {
+        let block = |crop: u32| {
+            serde_json::json!({"target": SEGMENTATION_BASE, "params": {
+                "data_csv": "a.txt", "data_root": "i", "segmentation_root": "s",
+                "n_labels": 10, "size": 128, "crop_size": crop}})
+        };
+        let spec = DatasetSpec::from_value(&block(64), "data.params.train")?;
+        assert_eq!(spec.transform.size, Some(128));
+        assert_eq!(spec.transform.crop_size, Some(64));
+        let e = DatasetSpec::from_value(&block(256), "data.params.train")
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        let e = e.err().unwrap_or_default();
+        assert!(e.contains("crop_size") && e.contains("256"), "{e}");
         Ok(())
     }
 
