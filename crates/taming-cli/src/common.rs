@@ -29,9 +29,41 @@ pub struct ModelArgs {
     pub device: String,
 }
 
+/// Folder of the built-in model: `TAMING_BUILTIN_MODEL` when set, else `models/scenes` of the
+/// repository this binary was built from (config.yaml, model.safetensors, labels.txt).
+pub fn builtin_model_dir() -> PathBuf {
+    match std::env::var_os("TAMING_BUILTIN_MODEL") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let crate_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+            // crates/taming-cli -> the workspace root
+            let root = crate_dir.parent().and_then(|p| p.parent()).unwrap_or(crate_dir);
+            root.join("models").join("scenes")
+        }
+    }
+}
+
 impl ModelArgs {
-    /// Resolves the config files and the checkpoint path.
+    /// True when no model was named: commands then use the built-in model.
+    pub fn is_unset(&self) -> bool {
+        self.config.is_empty() && self.ckpt.is_none() && self.resume.is_none()
+    }
+
+    /// Resolves the config files and the checkpoint path; with no model named, the built-in one.
     pub fn paths(&self) -> anyhow::Result<(Vec<PathBuf>, PathBuf)> {
+        if self.is_unset() {
+            let dir = builtin_model_dir();
+            let (cfg, ckpt) = (dir.join("config.yaml"), dir.join("model.safetensors"));
+            if !cfg.is_file() || !ckpt.is_file() {
+                bail!(
+                    "no model given (--config/--ckpt or -r LOGDIR) and the built-in model is missing: \
+                     expected {} and {}",
+                    cfg.display(),
+                    ckpt.display()
+                );
+            }
+            return Ok((vec![cfg], ckpt));
+        }
         let (mut configs, mut ckpt) = (self.config.clone(), self.ckpt.clone());
         if let Some(dir) = &self.resume {
             let (cfgs, ck) = taming::config::find_configs(dir)?;

@@ -28,7 +28,8 @@ pub struct ConvertArgs {
     /// Output directory: receives model.safetensors and config.yaml.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Leave out training-only tensors (`loss.*`: LPIPS and discriminator weights).
+    /// Leave out training-only tensors (`loss.*`: LPIPS and discriminator weights;
+    /// `optimizer_states.*`: the optimizer moments of `taming train` checkpoints).
     #[arg(long)]
     pub inference_only: bool,
 }
@@ -158,7 +159,12 @@ pub fn convert(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         let keep = sd
             .tensors()
             .iter()
-            .filter(|(k, _)| !k.starts_with("loss.") && !k.contains(".loss."))
+            .filter(|(k, _)| {
+                !k.contains(".loss.")
+                    && !taming::model::TRAINING_ONLY_PREFIXES
+                        .iter()
+                        .any(|p| k.starts_with(p))
+            })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         StateDict::from_tensors(keep, sd.source())

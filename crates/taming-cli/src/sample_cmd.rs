@@ -132,6 +132,11 @@ pub fn load_transformer(
     Ok((model, device))
 }
 
+/// The scene (`taming::scenes`) whose label map the built-in model samples when given no condition.
+pub const BUILTIN_EXAMPLE_SCENE: u64 = 7;
+/// Output size of the built-in model when no size or spatial input is given.
+pub const BUILTIN_SIZE: (usize, usize) = (128, 128);
+
 fn round_down(v: u32, f: usize) -> u32 {
     (v / f as u32 * f as u32).max(f as u32)
 }
@@ -191,12 +196,17 @@ fn condition(
             Condition::Spatial(coordinate_map(size.0, size.1, device)?)
         }
         CondStage::Vq(m) if m.kind() == VqModelKind::Segmentation => {
-            let path = a
-                .segmentation
-                .as_ref()
-                .ok_or_else(|| need("--segmentation PNG"))?;
-            let labels = image_io::load_labels(path)?;
+            let (labels, path) = match &a.segmentation {
+                Some(path) => (image_io::load_labels(path)?, path.clone()),
+                // the built-in model's own example: a label map of the procedural scenes
+                None if a.model.is_unset() && given == 0 => (
+                    taming::scenes::example_label_map(BUILTIN_EXAMPLE_SCENE, w, h),
+                    PathBuf::from(format!("(built-in example scene {BUILTIN_EXAMPLE_SCENE})")),
+                ),
+                None => return Err(need("--segmentation PNG")),
+            };
             let labels = image_io::fit(&labels, h, w, Interpolation::Nearest)?;
+            let path = path.as_path();
             let shift = if a.coco_shift {
                 LabelShift::CocoPlusOne
             } else {
@@ -254,12 +264,27 @@ fn keep_mask(path: &Path, size: (usize, usize), grid: (usize, usize)) -> anyhow:
 
 pub fn sample(a: SampleArgs) -> anyhow::Result<ExitCode> {
     let dtype = parse_dtype(&a.dtype)?;
+    if a.model.is_unset() {
+        eprintln!(
+            "no model given: sampling the built-in model ({}){}",
+            crate::common::builtin_model_dir().display(),
+            if a.segmentation.is_none() {
+                format!(" on its example label map (scene {BUILTIN_EXAMPLE_SCENE})")
+            } else {
+                String::new()
+            }
+        );
+    }
     let (model, device) = load_transformer(&a.model, dtype)?;
     let f = model.first_stage().downsample_factor();
     let res = model.config().first_stage.ddconfig.resolution;
     let size = match &a.size {
         Some(s) => parse_size(s)?,
-        None => spatial_size(&a, f)?.unwrap_or((res, res)),
+        None => match spatial_size(&a, f)? {
+            Some(s) => s,
+            None if a.model.is_unset() => BUILTIN_SIZE,
+            None => (res, res),
+        },
     };
     let grid = pipeline::latent_grid(&model, size)?;
     let cond = condition(&a, &model, size, &device)?;
