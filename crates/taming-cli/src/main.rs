@@ -11,6 +11,7 @@ mod inspect;
 mod plot_cmd;
 mod sample_cmd;
 mod scenes_cmd;
+mod serve_cmd;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +47,8 @@ enum Cmd {
     /// Sample images from a transformer model (label-to-image, depth-to-image, class-conditional,
     /// unconditional, super-resolution, image completion; larger sizes with a sliding window).
     Sample(sample_cmd::SampleArgs),
+    /// Interactive web demo: paint a label map, sample and watch the image build up.
+    Serve(serve_cmd::ServeArgs),
     /// Train a first stage or a transformer from a config (the reference's `main.py --train`).
     Train(train_cmd::TrainArgs),
     /// Write procedural outdoor scenes (picture, label map, depth map) as a dataset folder.
@@ -81,6 +84,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Convert(a) => inspect::convert(a),
         Cmd::Verify(a) => inspect::verify(a),
         Cmd::Sample(a) => sample_cmd::sample(a),
+        Cmd::Serve(a) => serve_cmd::serve(a),
         Cmd::Train(a) => train_cmd::train(a),
         Cmd::Plot(a) => plot_cmd::plot(a),
         Cmd::Scenes(a) => scenes_cmd::scenes(a),

@@ -271,16 +271,20 @@ pub enum LabelShift {
 
 /// Reads an 8-bit label PNG (grayscale; other modes use their first channel).
 pub fn load_labels(path: &Path) -> Result<GrayImage> {
-    let img = open(path)?;
-    Ok(match img {
+    Ok(labels_from_image(open(path)?))
+}
+
+/// A decoded label map as label ids, as [`load_labels`] reads files: 8-bit grayscale as is,
+/// other modes the first channel of their 8-bit RGB conversion.
+pub fn labels_from_image(img: DynamicImage) -> GrayImage {
+    match img {
         DynamicImage::ImageLuma8(g) => g,
         other => {
             let rgb = other.to_rgb8();
             let (w, h) = rgb.dimensions();
-            let data = rgb.pixels().map(|p| p.0[0]).collect();
-            GrayImage::from_raw(w, h, data).ok_or_else(|| image_err(path, "cannot read labels"))?
+            GrayImage::from_fn(w, h, |x, y| image::Luma([rgb.get_pixel(x, y).0[0]]))
         }
-    })
+    }
 }
 
 /// Label map to (labels (1, H, W) as u32, one-hot (1, n_labels, H, W) float32); a label beyond
