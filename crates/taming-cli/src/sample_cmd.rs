@@ -32,6 +32,10 @@ pub struct SampleArgs {
     /// Label map PNG, 8-bit label ids (label-to-image models).
     #[arg(long, value_name = "PNG")]
     pub segmentation: Option<PathBuf>,
+    /// The label map of procedural scene N (the generator of `taming scenes`; 10 labels): the
+    /// built-in model's examples. With no model and no condition given, scene 7.
+    #[arg(long, value_name = "N")]
+    pub example_scene: Option<u64>,
     /// COCO-Stuff label maps: add 1 to every label (255 = unlabeled wraps to 0), as the reference does.
     #[arg(long)]
     pub coco_shift: bool,
@@ -164,7 +168,7 @@ fn condition(
     let stage = model.cond_stage();
     let given = [
         a.class.is_some(),
-        a.segmentation.is_some(),
+        a.segmentation.is_some() || a.example_scene.is_some(),
         a.depth.is_some(),
         a.low_res.is_some(),
         a.coord,
@@ -196,14 +200,19 @@ fn condition(
             Condition::Spatial(coordinate_map(size.0, size.1, device)?)
         }
         CondStage::Vq(m) if m.kind() == VqModelKind::Segmentation => {
-            let (labels, path) = match &a.segmentation {
-                Some(path) => (image_io::load_labels(path)?, path.clone()),
-                // the built-in model's own example: a label map of the procedural scenes
-                None if a.model.is_unset() && given == 0 => (
-                    taming::scenes::example_label_map(BUILTIN_EXAMPLE_SCENE, w, h),
-                    PathBuf::from(format!("(built-in example scene {BUILTIN_EXAMPLE_SCENE})")),
-                ),
-                None => return Err(need("--segmentation PNG")),
+            // the built-in model's own examples: label maps of the procedural scenes
+            let example = |n: u64| {
+                (
+                    taming::scenes::example_label_map(n, w, h),
+                    PathBuf::from(format!("(example scene {n})")),
+                )
+            };
+            let (labels, path) = match (&a.segmentation, a.example_scene) {
+                (Some(_), Some(_)) => bail!("give --segmentation or --example-scene, not both"),
+                (Some(path), None) => (image_io::load_labels(path)?, path.clone()),
+                (None, Some(n)) => example(n),
+                (None, None) if a.model.is_unset() && given == 0 => example(BUILTIN_EXAMPLE_SCENE),
+                (None, None) => return Err(need("--segmentation PNG")),
             };
             let labels = image_io::fit(&labels, h, w, Interpolation::Nearest)?;
             let path = path.as_path();
@@ -268,7 +277,7 @@ pub fn sample(a: SampleArgs) -> anyhow::Result<ExitCode> {
         eprintln!(
             "no model given: sampling the built-in model ({}){}",
             crate::common::builtin_model_dir().display(),
-            if a.segmentation.is_none() {
+            if a.segmentation.is_none() && a.example_scene.is_none() {
                 format!(" on its example label map (scene {BUILTIN_EXAMPLE_SCENE})")
             } else {
                 String::new()
