@@ -489,3 +489,61 @@ fn restarting_unused_codes_raises_codebook_usage() {
         .to_string()
         .contains("VectorQuantizer2"));
 }
+
+/// A validation set whose every batch fails to load.
+struct Broken;
+
+impl BatchSource for Broken {
+    fn batches_per_epoch(&self) -> usize {
+        1
+    }
+    fn epoch(&self, _: u64, _: usize) -> Box<dyn Iterator<Item = taming::Result<Batch>> + '_> {
+        Box::new(std::iter::once(Err(taming::Error::invalid(
+            "sequence of 511 tokens exceeds the block size",
+        ))))
+    }
+}
+
+#[test]
+fn failed_validation_keeps_the_trained_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = RunDir::create(tmp.path(), "v", VQGAN).unwrap();
+    let mut t = vq_trainer_no_gan(5);
+    let mut state = TrainState {
+        seed: 5,
+        ..Default::default()
+    };
+    let data = Toy {
+        n: 8,
+        batch: 2,
+        size: 16,
+    };
+    let o = FitOptions {
+        validate_every_epochs: 1,
+        ..opts(10)
+    };
+    let stop = AtomicBool::new(false);
+    let e = train::fit(
+        &mut t,
+        &data,
+        Some(&Broken),
+        &run,
+        &o,
+        &mut state,
+        &stop,
+        &mut |_| {},
+    )
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("511 tokens") && e.contains("saved as last"),
+        "{e}"
+    );
+    // one epoch (4 steps) ran; its weights are in `last`, resumable at the next epoch
+    let (_, saved) = train::run::load_checkpoint(&run.last_checkpoint()).unwrap();
+    assert_eq!(
+        (saved.global_step, saved.epoch, saved.batch_in_epoch),
+        (4, 1, 0)
+    );
+}

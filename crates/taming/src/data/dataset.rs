@@ -748,20 +748,25 @@ mod tests {
         );
     }
 
+    /// A 12x8 image + label pair in `dir` whose label is the column and whose red is 10x it.
+    fn column_coded_pair(dir: &Path) -> anyhow::Result<Example> {
+        let img = RgbImage::from_fn(12, 8, |x, _| image::Rgb([x as u8 * 10, 0, 0]));
+        let lab = GrayImage::from_fn(12, 8, |x, _| Luma([x as u8]));
+        let (ip, lp) = (dir.join("i.png"), dir.join("l.png"));
+        img.save(&ip)?;
+        lab.save(&lp)?;
+        Ok(Example {
+            image: ip,
+            aux: Some(lp),
+            class_label: None,
+        })
+    }
+
     #[test]
     fn crop_size_crops_without_rescaling_further() -> anyhow::Result<()> {
         // 12x8 at size 8 is not rescaled; a 4x4 crop keeps the pixel scale (column x -> red 10x).
         let dir = tempfile::tempdir()?;
-        let img = RgbImage::from_fn(12, 8, |x, _| image::Rgb([x as u8 * 10, 0, 0]));
-        let lab = GrayImage::from_fn(12, 8, |x, _| Luma([x as u8]));
-        let (ip, lp) = (dir.path().join("i.png"), dir.path().join("l.png"));
-        img.save(&ip)?;
-        lab.save(&lp)?;
-        let ex = Example {
-            image: ip,
-            aux: Some(lp),
-            class_label: None,
-        };
+        let ex = column_coded_pair(dir.path())?;
         let t = Transform {
             size: Some(8),
             crop_size: Some(4),
@@ -795,16 +800,7 @@ mod tests {
     fn crop_and_flip_shared_by_the_pair() -> anyhow::Result<()> {
         // Labels encode the column: after any crop/flip, image red == label * 10.
         let dir = tempfile::tempdir()?;
-        let img = RgbImage::from_fn(12, 8, |x, _| image::Rgb([x as u8 * 10, 0, 0]));
-        let lab = GrayImage::from_fn(12, 8, |x, _| Luma([x as u8]));
-        let (ip, lp) = (dir.path().join("i.png"), dir.path().join("l.png"));
-        img.save(&ip)?;
-        lab.save(&lp)?;
-        let ex = Example {
-            image: ip,
-            aux: Some(lp),
-            class_label: None,
-        };
+        let ex = column_coded_pair(dir.path())?;
         let t = Transform {
             size: Some(8),
             crop_size: None,

@@ -265,7 +265,18 @@ pub fn fit(
             state.batch_in_epoch = 0;
             if let Some(val) = validation {
                 if opts.validate_every_epochs > 0 && state.epoch % opts.validate_every_epochs == 0 {
-                    let metrics = validate(trainer, val)?;
+                    let metrics = match validate(trainer, val) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            // the weights are sound: keep them before reporting
+                            save(trainer, state, false, on_event)?;
+                            return Err(Error::invalid(format!(
+                                "validation after epoch {} failed (the weights of step {} are \
+                                 saved as last; fix the validation data and resume with -r): {e}",
+                                state.epoch, state.global_step
+                            )));
+                        }
+                    };
                     csv.append(state.global_step, &metrics)?;
                     on_event(FitEvent::Validation {
                         step: state.global_step,
