@@ -32,6 +32,10 @@ pub struct ConvertArgs {
     /// `optimizer_states.*`: the optimizer moments of `taming train` checkpoints).
     #[arg(long)]
     pub inference_only: bool,
+    /// Store floating-point weights as f16 or bf16 (half the file; models load them as float32),
+    /// or f32. Default: as they are.
+    #[arg(long, value_name = "DTYPE")]
+    pub dtype: Option<String>,
 }
 
 #[derive(Args)]
@@ -170,6 +174,23 @@ pub fn convert(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         StateDict::from_tensors(keep, sd.source())
     } else {
         sd
+    };
+    let sd = match &a.dtype {
+        None => sd,
+        Some(name) => {
+            let dtype = crate::sample_cmd::parse_dtype(name)?;
+            let mut cast = std::collections::BTreeMap::new();
+            for (k, v) in sd.tensors() {
+                let v = if v.dtype().is_float() {
+                    v.to_dtype(dtype)
+                        .with_context(|| format!("cannot store {k} as {name}"))?
+                } else {
+                    v.clone()
+                };
+                cast.insert(k.clone(), v);
+            }
+            StateDict::from_tensors(cast, sd.source())
+        }
     };
     std::fs::create_dir_all(&a.output)
         .with_context(|| format!("cannot create {}", a.output.display()))?;

@@ -313,6 +313,33 @@ fn convert_and_inspect() {
         t.contains("training-only skipped") && t.contains("0 unread"),
         "{t}"
     );
+    // --dtype f16 halves the file, and the result still loads
+    let half = tmp.path().join("half");
+    let mut args = vec!["convert".to_string()];
+    args.extend(model_args(&dir));
+    args.extend([
+        "-o".to_string(),
+        half.display().to_string(),
+        "--inference-only".into(),
+        "--dtype".into(),
+        "f16".into(),
+    ]);
+    let o = run(args);
+    assert!(o.status.success(), "{}", text(&o));
+    let size = |d: &Path| {
+        std::fs::metadata(d.join("model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    let (full, small) = (size(&out), size(&half));
+    assert!(small * 10 < full * 6, "f16: {small} bytes vs {full}");
+    let bytes = std::fs::read(half.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8_lossy(&bytes[8..8 + n]);
+    assert!(
+        header.contains("\"F16\"") && !header.contains("\"F32\""),
+        "{header}"
+    );
 }
 
 /// A tiny VQGAN run on generated 16x16 images: `taming train` stops on SIGINT (Ctrl-C) after
