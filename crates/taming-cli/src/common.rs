@@ -37,7 +37,10 @@ pub fn builtin_model_dir() -> PathBuf {
         None => {
             let crate_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
             // crates/taming-cli -> the workspace root
-            let root = crate_dir.parent().and_then(|p| p.parent()).unwrap_or(crate_dir);
+            let root = crate_dir
+                .parent()
+                .and_then(|p| p.parent())
+                .unwrap_or(crate_dir);
             root.join("models").join("scenes")
         }
     }
