@@ -4,6 +4,8 @@
 //! mostly LPIPS and discriminator weights) against the bytes of the tensors it returns. The mapped
 //! file itself is page cache, not heap, as it would be for a 4 GB checkpoint.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,21 +34,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
+/// The vqgan_f4 fixture's checkpoint (skips, or fails under CI, when `../shared` is missing).
 fn fixture() -> Option<PathBuf> {
-    let base = match std::env::var_os("TAMING_SHARED") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"),
-    };
-    let p = base.join("fixtures/vqgan_f4/model.ckpt");
-    if p.exists() {
-        return Some(p);
-    }
-    let reason = format!("{} not found (set TAMING_SHARED)", p.display());
-    if std::env::var_os("CI").is_some() {
-        panic!("{reason}");
-    }
-    eprintln!("skipping: {reason}");
-    None
+    common::shared("fixtures/vqgan_f4").map(|d| d.join("model.ckpt"))
 }
 
 #[test]
