@@ -24,6 +24,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod first_stage;
+pub mod gelu;
 pub mod group_norm;
 pub mod image_io;
 pub mod kernels;

@@ -126,6 +126,12 @@ impl SelfAttention {
             Some(((kc, vc), start)) => {
                 kc.slice_set(&k, 2, start)?;
                 vc.slice_set(&v, 2, start)?;
+                if mask.is_none() {
+                    let scale = 1.0 / (hs as f32).sqrt();
+                    if let Some(y) = crate::skinny::try_attend_one(&q, kc, vc, start + t, scale)? {
+                        return dense(&self.proj, &y); // (B, 1, C)
+                    }
+                }
                 let total = start + t;
                 // strided views into the cache: each (S, hs) matrix is contiguous, which is all
                 // the batched matmul needs, so nothing is copied per step
@@ -174,7 +180,7 @@ impl Block {
         cache: Option<(&mut (Tensor, Tensor), usize)>,
     ) -> Result<Tensor> {
         let x = (x + self.attn.forward(&ln(&self.ln1, x)?, mask, cache)?)?; // (B, T, C)
-        let h = dense(&self.fc, &ln(&self.ln2, &x)?)?.gelu_erf()?; // (B, T, 4C)
+        let h = crate::gelu::gelu(&dense(&self.fc, &ln(&self.ln2, &x)?)?)?; // (B, T, 4C)
         Ok((x + dense(&self.fc_out, &h)?)?)
     }
 }
