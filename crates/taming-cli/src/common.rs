@@ -27,21 +27,41 @@ pub struct ModelArgs {
     /// Device: cpu, cuda or metal (cuda/metal need the build feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// The built-in model used when no model is named (set by the command, not a flag here).
+    #[arg(skip)]
+    pub builtin: Builtin,
 }
 
-/// Folder of the built-in model: `TAMING_BUILTIN_MODEL` when set, else `models/scenes` of the
-/// repository this binary was built from (config.yaml, model.safetensors, labels.txt).
-pub fn builtin_model_dir() -> PathBuf {
-    match std::env::var_os("TAMING_BUILTIN_MODEL") {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            let crate_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-            // crates/taming-cli -> the workspace root
-            let root = crate_dir
-                .parent()
-                .and_then(|p| p.parent())
-                .unwrap_or(crate_dir);
-            root.join("models").join("scenes")
+/// The built-in models (trained by taming-rs on its procedural scenes, shipped in `models/`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Builtin {
+    /// Label map to picture (`models/scenes`).
+    #[default]
+    Labels,
+    /// Depth map to picture (`models/scenes-depth`).
+    Depth,
+}
+
+impl Builtin {
+    /// Its folder: the environment variable when set (`TAMING_BUILTIN_MODEL`,
+    /// `TAMING_BUILTIN_DEPTH_MODEL`), else under `models/` of the repository this binary was
+    /// built from (config.yaml, model.safetensors, labels.txt).
+    pub fn dir(self) -> PathBuf {
+        let (var, name) = match self {
+            Builtin::Labels => ("TAMING_BUILTIN_MODEL", "scenes"),
+            Builtin::Depth => ("TAMING_BUILTIN_DEPTH_MODEL", "scenes-depth"),
+        };
+        match std::env::var_os(var) {
+            Some(dir) => PathBuf::from(dir),
+            None => {
+                let crate_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+                // crates/taming-cli -> the workspace root
+                let root = crate_dir
+                    .parent()
+                    .and_then(|p| p.parent())
+                    .unwrap_or(crate_dir);
+                root.join("models").join(name)
+            }
         }
     }
 }
@@ -55,7 +75,7 @@ impl ModelArgs {
     /// Resolves the config files and the checkpoint path; with no model named, the built-in one.
     pub fn paths(&self) -> anyhow::Result<(Vec<PathBuf>, PathBuf)> {
         if self.is_unset() {
-            let dir = builtin_model_dir();
+            let dir = self.builtin.dir();
             let (cfg, ckpt) = (dir.join("config.yaml"), dir.join("model.safetensors"));
             if !cfg.is_file() || !ckpt.is_file() {
                 bail!(

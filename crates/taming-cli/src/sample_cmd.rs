@@ -17,7 +17,7 @@ use taming::image_io::{self, Interpolation, LabelShift};
 use taming::pipeline::{self, Condition, Keep, SampleRequest};
 use taming::sampling::{Control, SamplingOptions};
 
-use crate::common::ModelArgs;
+use crate::common::{Builtin, ModelArgs};
 
 #[derive(Args)]
 pub struct SampleArgs {
@@ -32,10 +32,15 @@ pub struct SampleArgs {
     /// Label map PNG, 8-bit label ids (label-to-image models).
     #[arg(long, value_name = "PNG")]
     pub segmentation: Option<PathBuf>,
-    /// The label map of procedural scene N (the generator of `taming scenes`; 10 labels): the
-    /// built-in model's examples. With no model and no condition given, scene 7.
+    /// The label map (or, for a depth-conditioned model, the depth map) of procedural scene N
+    /// (the generator of `taming scenes`): the built-in models' examples. With no model and no
+    /// condition given, scene 7.
     #[arg(long, value_name = "N")]
     pub example_scene: Option<u64>,
+    /// Which built-in model to sample when no model is named: `labels` (label map to picture,
+    /// the default) or `depth` (depth map to picture; the default when --depth is given).
+    #[arg(long, value_enum)]
+    pub builtin: Option<Builtin>,
     /// COCO-Stuff label maps: add 1 to every label (255 = unlabeled wraps to 0), as the reference does.
     #[arg(long)]
     pub coco_shift: bool,
@@ -166,10 +171,11 @@ fn condition(
 ) -> anyhow::Result<Condition> {
     let (h, w) = (size.0 as u32, size.1 as u32);
     let stage = model.cond_stage();
+    let depth_model = matches!(stage, CondStage::Vq(m) if m.in_channels() == 1);
     let given = [
         a.class.is_some(),
-        a.segmentation.is_some() || a.example_scene.is_some(),
-        a.depth.is_some(),
+        a.segmentation.is_some() || (a.example_scene.is_some() && !depth_model),
+        a.depth.is_some() || (a.example_scene.is_some() && depth_model),
         a.low_res.is_some(),
         a.coord,
     ]
@@ -225,10 +231,20 @@ fn condition(
                 image_io::labels_to_onehot(&labels, m.in_channels(), shift, path, device)?;
             Condition::Spatial(onehot)
         }
-        CondStage::Vq(m) if m.in_channels() == 1 => {
-            let path = a.depth.as_ref().ok_or_else(|| need("--depth PNG"))?;
-            Condition::Spatial(image_io::load_depth_fit(path, h, w, device)?)
-        }
+        CondStage::Vq(m) if m.in_channels() == 1 => match (&a.depth, a.example_scene) {
+            (Some(_), Some(_)) => bail!("give --depth or --example-scene, not both"),
+            (Some(path), None) => Condition::Spatial(image_io::load_depth_fit(path, h, w, device)?),
+            (None, n) => {
+                // the built-in depth model's own examples: depth maps of the procedural scenes
+                let n = match n {
+                    Some(n) => n,
+                    None if a.model.is_unset() && given == 0 => BUILTIN_EXAMPLE_SCENE,
+                    None => return Err(need("--depth PNG")),
+                };
+                let depth = taming::scenes::render(n, w, h).depth.into_raw();
+                Condition::Spatial(image_io::normalize_depth(depth, h as usize, w as usize, device)?)
+            }
+        },
         CondStage::Vq(_) | CondStage::FirstStage => {
             let path = a.low_res.as_ref().ok_or_else(|| need("--low-res PNG"))?;
             let img = image_io::fit(&image_io::load_rgb(path)?, h, w, Interpolation::Bicubic)?;
@@ -271,18 +287,32 @@ fn keep_mask(path: &Path, size: (usize, usize), grid: (usize, usize)) -> anyhow:
         .collect())
 }
 
-pub fn sample(a: SampleArgs) -> anyhow::Result<ExitCode> {
+pub fn sample(mut a: SampleArgs) -> anyhow::Result<ExitCode> {
     let dtype = parse_dtype(&a.dtype)?;
     if a.model.is_unset() {
+        let builtin = a.builtin.unwrap_or(if a.depth.is_some() {
+            Builtin::Depth
+        } else {
+            Builtin::Labels
+        });
+        a.model.builtin = builtin;
+        let example = match builtin {
+            Builtin::Labels if a.segmentation.is_none() => "label map",
+            Builtin::Depth if a.depth.is_none() => "depth map",
+            _ => "",
+        };
         eprintln!(
             "no model given: sampling the built-in model ({}){}",
-            crate::common::builtin_model_dir().display(),
-            if a.segmentation.is_none() && a.example_scene.is_none() {
-                format!(" on its example label map (scene {BUILTIN_EXAMPLE_SCENE})")
+            builtin.dir().display(),
+            if !example.is_empty() {
+                let n = a.example_scene.unwrap_or(BUILTIN_EXAMPLE_SCENE);
+                format!(" on the {example} of example scene {n}")
             } else {
                 String::new()
             }
         );
+    } else if a.builtin.is_some() {
+        bail!("--builtin chooses a built-in model: drop it when naming a model (--config/--ckpt/-r)");
     }
     let (model, device) = load_transformer(&a.model, dtype)?;
     let f = model.first_stage().downsample_factor();

@@ -517,6 +517,62 @@ fn depth_pairs_are_normalised_per_map() -> Result<()> {
     Ok(())
 }
 
+/// DepthPairs with `crop_size`: rescaled to `size`, then a `crop_size` square cut from the image
+/// and its depth map at the same place (the built-in depth model trains on such crops).
+#[test]
+fn depth_pairs_crop_size_keeps_the_pair_aligned() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for sub in ["imgs", "depth"] {
+        std::fs::create_dir_all(dir.path().join(sub))?;
+    }
+    // 64x64, rescaled to 32: the left half is dark and near, the right half bright and far
+    RgbImage::from_fn(64, 64, |x, _| Rgb(if x < 32 { [0; 3] } else { [255; 3] }))
+        .save_with_format(dir.path().join("imgs/0.jpg"), image::ImageFormat::Png)?;
+    write_depth(&dir.path().join("depth/0.png"), 64, 64, |x, _| {
+        if x < 32 {
+            1.0
+        } else {
+            9.0
+        }
+    })?;
+    let csv = dir.path().join("pairs.txt");
+    write_list(&csv, &["0.jpg".into()])?;
+    let yaml = |extra: &str| {
+        yaml_data(&format!(
+            "    batch_size: 1\n    train: {{target: taming.data.depth.DepthPairs, params: {{data_csv: {}, data_root: {}, depth_root: {}, size: 32, random_crop: true{extra}}}}}\n",
+            csv.display(),
+            dir.path().join("imgs").display(),
+            dir.path().join("depth").display()
+        ))
+    };
+    let data = module(&yaml(", crop_size: 16"))?;
+    let mut saw_both_halves = false;
+    for epoch in 0..6 {
+        let b = &collect(&data.train_loader(epoch)?, 0, 0)?[0];
+        assert_eq!(b["image"].dims(), &[1, 3, 16, 16]);
+        assert_eq!(b["depth"].dims(), &[1, 1, 16, 16]);
+        let d = b["depth"].flatten_all()?.to_vec1::<f32>()?;
+        let red = b["image"].narrow(1, 0, 1)?.flatten_all()?.to_vec1::<f32>()?;
+        for (dv, iv) in d.iter().zip(&red) {
+            // near (-1) where dark, far (+1) where bright; the rescale blurs the seam
+            if *dv < -0.9 {
+                assert!(*iv < 0.0, "near but bright: {dv} {iv}");
+            } else if *dv > 0.9 {
+                assert!(*iv > 0.0, "far but dark: {dv} {iv}");
+            }
+        }
+        saw_both_halves |= d.iter().any(|v| *v < -0.9) && d.iter().any(|v| *v > 0.9);
+    }
+    assert!(saw_both_halves, "no crop covered the seam in 6 epochs");
+    // a crop larger than the rescaled side, or a crop without `size`, is refused by name
+    let e = module(&yaml(", crop_size: 40")).err().map(|e| e.to_string());
+    assert!(e.as_deref().is_some_and(|e| e.contains("crop_size")), "{e:?}");
+    let no_size = yaml(", crop_size: 16").replace("size: 32, ", "");
+    let e = module(&no_size).err().map(|e| e.to_string());
+    assert!(e.as_deref().is_some_and(|e| e.contains("needs `size`")), "{e:?}");
+    Ok(())
+}
+
 #[test]
 fn shared_drin_examples() -> Result<()> {
     let Some(shared) = common::shared("data") else {

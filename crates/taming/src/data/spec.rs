@@ -255,6 +255,24 @@ impl<'a> Params<'a> {
         }
     }
 
+    /// `size` (the side images are rescaled to) and `crop_size` (the square cut from them, at
+    /// most `size`; only with `size`), as ADE20k's `SegmentationBase` takes them.
+    fn size_and_crop(&self) -> Result<(Option<u32>, Option<u32>)> {
+        let size = self.size("size", None)?;
+        let crop_size = self.size("crop_size", None)?;
+        match (crop_size, size) {
+            (Some(c), Some(s)) if c > s => Err(err(
+                &self.path("crop_size"),
+                format!("{c} is larger than `size` ({s}), the side images are rescaled to"),
+            )),
+            (Some(_), None) => Err(err(
+                &self.path("crop_size"),
+                "needs `size` (the side images are rescaled to)",
+            )),
+            _ => Ok((size, crop_size)),
+        }
+    }
+
     fn bool(&self, name: &str, default: bool) -> Result<bool> {
         match self.get(name) {
             None => Ok(default),
@@ -403,24 +421,7 @@ impl DatasetSpec {
                         "crop_size",
                     ],
                 )?;
-                let size = p.size("size", None)?;
-                let crop_size = p.size("crop_size", None)?;
-                if let (Some(c), Some(s)) = (crop_size, size) {
-                    if c > s {
-                        return Err(err(
-                            &p.path("crop_size"),
-                            format!(
-                                "{c} is larger than `size` ({s}), the side images are rescaled to"
-                            ),
-                        ));
-                    }
-                }
-                if crop_size.is_some() && size.is_none() {
-                    return Err(err(
-                        &p.path("crop_size"),
-                        "needs `size` (the side images are rescaled to)",
-                    ));
-                }
+                let (size, crop_size) = p.size_and_crop()?;
                 let n_labels = p.usize("n_labels")?.unwrap_or(182);
                 if n_labels == 0 {
                     return Err(err(&p.path("n_labels"), "must be at least 1"));
@@ -520,10 +521,12 @@ impl DatasetSpec {
                         "data_root",
                         "depth_root",
                         "size",
+                        "crop_size",
                         "random_crop",
                         "flip",
                     ],
                 )?;
+                let (size, crop_size) = p.size_and_crop()?;
                 let random_crop = p.bool("random_crop", false)?;
                 (
                     Source::Depth {
@@ -533,8 +536,8 @@ impl DatasetSpec {
                         naming: DepthNaming::ExtensionToPng,
                     },
                     Transform {
-                        size: p.size("size", None)?,
-                        crop_size: None,
+                        size,
+                        crop_size,
                         random_crop,
                         // `get_preprocessor` flips whenever it crops at random.
                         flip: p.bool("flip", random_crop)?,
