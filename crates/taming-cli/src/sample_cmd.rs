@@ -242,7 +242,9 @@ fn condition(
                     None => return Err(need("--depth PNG")),
                 };
                 let depth = taming::scenes::render(n, w, h).depth.into_raw();
-                Condition::Spatial(image_io::normalize_depth(depth, h as usize, w as usize, device)?)
+                Condition::Spatial(image_io::normalize_depth(
+                    depth, h as usize, w as usize, device,
+                )?)
             }
         },
         CondStage::Vq(_) | CondStage::FirstStage => {
@@ -312,7 +314,9 @@ pub fn sample(mut a: SampleArgs) -> anyhow::Result<ExitCode> {
             }
         );
     } else if a.builtin.is_some() {
-        bail!("--builtin chooses a built-in model: drop it when naming a model (--config/--ckpt/-r)");
+        bail!(
+            "--builtin chooses a built-in model: drop it when naming a model (--config/--ckpt/-r)"
+        );
     }
     let (model, device) = load_transformer(&a.model, dtype)?;
     let f = model.first_stage().downsample_factor();

@@ -2,6 +2,8 @@
 //! Chrome DevTools Protocol. It paints a stroke on the label canvas with mouse events, sets a
 //! seed, presses Sample, waits for the image, reads its pixels back from the page, fetches the
 //! label map the page submitted, and checks that `taming sample`'s pipeline gives the same pixels.
+//! A second test uploads a label map through the file input (and a file that is not a PNG),
+//! cancels a running job, and fills the queue to see the page's busy message.
 //!
 //! Without `chromium` on PATH the test is skipped (with the reason printed), unless env `CI` is
 //! set: then it fails.
@@ -227,62 +229,110 @@ fn b64(v: &Value) -> Vec<u8> {
         .unwrap()
 }
 
+/// A server on a loopback port (its own runtime) and a headless Chromium showing its page.
+struct Session {
+    rt: tokio::runtime::Runtime,
+    server: std::sync::Arc<taming_web::Server>,
+    serving: tokio::task::JoinHandle<Result<(), taming_web::WebError>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    browser: Browser,
+    cdp: Cdp,
+    info: taming_web::ModelInfo,
+    files: common::ModelFiles,
+}
+
+impl Session {
+    /// Starts both and waits for the page to be ready; `None` when the test is skipped.
+    fn start(config: ServerConfig) -> Option<Session> {
+        let Some(chromium) = find_chromium() else {
+            return common::skip(
+                "chromium not found on PATH (apt-get install -y chromium); the browser test needs it",
+            );
+        };
+        let files = common::model_files()?;
+        let (server, info) = common::server(&files, config);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = std::sync::Arc::new(server);
+        let serving = {
+            let server = server.clone();
+            rt.spawn(async move {
+                server
+                    .serve(listener, async {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+            })
+        };
+        let browser = Browser::launch(&chromium);
+        let mut cdp = Cdp::connect(&browser.ws_url);
+        let target = cdp.call(
+            "Target.createTarget",
+            json!({ "url": format!("http://{addr}/") }),
+        );
+        let attached = cdp.call(
+            "Target.attachToTarget",
+            json!({ "targetId": target["targetId"], "flatten": true }),
+        );
+        cdp.session = Some(attached["sessionId"].as_str().unwrap().to_string());
+        cdp.wait_state(&["ready"], Duration::from_secs(60));
+        Some(Session {
+            rt,
+            server,
+            serving,
+            stop,
+            browser,
+            cdp,
+            info,
+            files,
+        })
+    }
+
+    /// Shuts the browser and the server down; gives back the model's files.
+    fn finish(self) -> common::ModelFiles {
+        let Session {
+            rt,
+            server,
+            serving,
+            stop,
+            browser,
+            cdp,
+            files,
+            ..
+        } = self;
+        drop(cdp);
+        drop(browser);
+        let _ = stop.send(());
+        rt.block_on(serving).unwrap().unwrap();
+        if let Ok(server) = std::sync::Arc::try_unwrap(server) {
+            server.shutdown();
+        }
+        files
+    }
+}
+
 #[test]
 fn paint_sample_and_compare_with_the_pipeline() {
-    let Some(chromium) = find_chromium() else {
-        common::skip::<()>(
-            "chromium not found on PATH (apt-get install -y chromium); the browser test needs it",
-        );
-        return;
-    };
-    let Some(files) = common::model_files() else {
-        return;
-    };
     let config = ServerConfig {
         port: 0,
         workers: 1,
         preview_interval: Duration::from_millis(20),
         ..ServerConfig::default()
     };
-    let (server, info) = common::server(&files, config);
-    let n_labels = info.n_labels().expect("a label-to-image model");
-    let (th, tw) = info.training_size;
-
-    // serve on a loopback port from a runtime of its own
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = std::sync::Arc::new(server);
-    let serving = {
-        let server = server.clone();
-        rt.spawn(async move {
-            server
-                .serve(listener, async {
-                    let _ = stop_rx.await;
-                })
-                .await
-        })
+    let Some(mut session) = Session::start(config) else {
+        return;
     };
-
-    let browser = Browser::launch(&chromium);
-    let mut cdp = Cdp::connect(&browser.ws_url);
-    let target = cdp.call(
-        "Target.createTarget",
-        json!({ "url": format!("http://{addr}/") }),
-    );
-    let attached = cdp.call(
-        "Target.attachToTarget",
-        json!({ "targetId": target["targetId"], "flatten": true }),
-    );
-    cdp.session = Some(attached["sessionId"].as_str().unwrap().to_string());
-    cdp.wait_state(&["ready"], Duration::from_secs(60));
+    let n_labels = session.info.n_labels().expect("a label-to-image model");
+    let (th, tw) = session.info.training_size;
+    let cdp = &mut session.cdp;
 
     // pick the last label of the palette and paint a horizontal stroke across the middle
     let label = n_labels - 1;
@@ -373,11 +423,7 @@ fn paint_sample_and_compare_with_the_pipeline() {
         "painting did not change the label map"
     );
 
-    // shut the browser and the server down
-    drop(cdp);
-    drop(browser);
-    let _ = stop_tx.send(());
-    rt.block_on(serving).unwrap().unwrap();
+    let files = session.finish();
 
     // the same inputs through the pipeline of `taming sample`
     let model = common::load_model(&files);
@@ -395,7 +441,130 @@ fn paint_sample_and_compare_with_the_pipeline() {
         0,
         "the page's image differs from `taming sample`'s for the same label map and seed"
     );
-    if let Ok(server) = std::sync::Arc::try_unwrap(server) {
-        server.shutdown();
+}
+
+/// The page's other paths: uploading a label map (and a file that is not one), cancelling a
+/// running job (no result is left behind), and the busy message when the queue is full.
+#[test]
+fn upload_cancel_and_busy_in_the_page() {
+    let config = ServerConfig {
+        port: 0,
+        workers: 1,
+        queue: 1,
+        preview_interval: Duration::from_millis(20),
+        ..ServerConfig::default()
+    };
+    let Some(mut session) = Session::start(config) else {
+        return;
+    };
+    let (th, tw) = session.info.training_size;
+    let cdp = &mut session.cdp;
+    let dir = tempfile::tempdir().unwrap();
+
+    // upload: a label map PNG through the page's file input
+    let upload = |cdp: &mut Cdp, path: &std::path::Path| {
+        let input = cdp.call(
+            "Runtime.evaluate",
+            json!({ "expression": "document.getElementById('labels-file')" }),
+        );
+        cdp.eval("document.getElementById('message').textContent = ''");
+        cdp.call(
+            "DOM.setFileInputFiles",
+            json!({ "files": [path.to_str().unwrap()], "objectId": input["result"]["objectId"] }),
+        );
+        let t0 = Instant::now();
+        loop {
+            let m = cdp.eval("document.getElementById('message').textContent");
+            let m = m.as_str().unwrap_or("").to_string();
+            if !m.is_empty() {
+                let class = cdp.eval("document.getElementById('message').className");
+                return (m, class.as_str() == Some("error"));
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "no message after the upload"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let n_labels = session.info.n_labels().expect("a label-to-image model") as u8;
+    let labels = image::GrayImage::from_fn(tw as u32, th as u32, |x, y| {
+        image::Luma([((x / 8 + y / 8) % n_labels as u32) as u8])
+    });
+    let good = dir.path().join("mine.png");
+    labels.save(&good).unwrap();
+    let (msg, error) = upload(cdp, &good);
+    assert!(!error && msg.contains("mine.png"), "upload message: {msg}");
+    let shown = b64(&cdp.eval(
+        "(() => { let s = ''; for (const v of window.tamingDemo.labels) s += String.fromCharCode(v); return btoa(s); })()",
+    ));
+    assert_eq!(
+        shown,
+        labels.as_raw().clone(),
+        "the page holds another label map than the upload"
+    );
+    let bad = dir.path().join("notes.png");
+    std::fs::write(&bad, b"not a picture").unwrap();
+    let (msg, error) = upload(cdp, &bad);
+    assert!(error, "a file that is not a PNG was accepted: {msg}");
+    let still = b64(&cdp.eval(
+        "(() => { let s = ''; for (const v of window.tamingDemo.labels) s += String.fromCharCode(v); return btoa(s); })()",
+    ));
+    assert_eq!(still, shown, "a refused upload changed the label map");
+
+    // cancel: a large image (sliding window, many tokens), cancelled while it runs
+    let big = 4 * th.max(tw);
+    cdp.eval(&format!(
+        "(() => {{ for (const id of ['height', 'width']) {{ const e = document.getElementById(id); \
+         e.value = '{big}'; e.dispatchEvent(new Event('change')); }} }})()"
+    ));
+    cdp.click("#sample-btn");
+    cdp.wait_state(&["running"], Duration::from_secs(60));
+    cdp.click("#cancel-btn");
+    let state = cdp.wait_state(
+        &["cancelled", "done", "failed", "error"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(state, "cancelled");
+    let status = cdp.eval(
+        "(async () => (await fetch(`/api/jobs/${window.tamingDemo.jobId}/result.png`)).status)()",
+    );
+    assert_eq!(status, json!(409), "a cancelled job left a result");
+    assert_eq!(
+        cdp.eval("document.getElementById('sample-btn').disabled"),
+        json!(false)
+    );
+
+    // busy: one job running and one waiting fill the worker and the queue of one; the page's
+    // Sample is then refused with the server's message
+    let submit = format!(
+        "(async () => {{ const fd = new FormData(); \
+         fd.append('labels', await labelsBlob(), 'labels.png'); \
+         fd.append('height', '{big}'); fd.append('width', '{big}'); \
+         const r = await fetch('/api/jobs', {{ method: 'POST', body: fd }}); \
+         return [r.status, (await r.json()).id || null]; }})()"
+    );
+    let first = cdp.eval(&submit);
+    let second = cdp.eval(&submit);
+    assert_eq!(
+        (first[0].clone(), second[0].clone()),
+        (json!(202), json!(202)),
+        "{first} {second}"
+    );
+    cdp.click("#sample-btn");
+    let state = cdp.wait_state(&["error", "queued", "running"], Duration::from_secs(30));
+    let msg = cdp.eval("document.getElementById('message').textContent");
+    assert_eq!(state, "error", "a third job was accepted: {msg}");
+    assert!(
+        msg.as_str().unwrap_or("").contains("busy"),
+        "message: {msg}"
+    );
+    for job in [&first[1], &second[1]] {
+        let st = cdp.eval(&format!(
+            "(async () => (await fetch('/api/jobs/{}/cancel', {{ method: 'POST' }})).status)()",
+            job.as_str().unwrap()
+        ));
+        assert_eq!(st, json!(200));
     }
+    session.finish();
 }

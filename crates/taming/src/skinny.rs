@@ -67,7 +67,10 @@ fn columns(x: &[f32], w: &[f32], k: usize, block: &mut [f32]) {
             unsafe { columns_tiled::<4, 4>(x, w, k, block, tile_avx512::<4, 4>) };
             return;
         }
-        if k.is_multiple_of(8) && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if k.is_multiple_of(8)
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+        {
             // SAFETY: the CPU has AVX2 and FMA (checked just above); as above.
             unsafe {
                 match m {

@@ -552,7 +552,10 @@ fn depth_pairs_crop_size_keeps_the_pair_aligned() -> Result<()> {
         assert_eq!(b["image"].dims(), &[1, 3, 16, 16]);
         assert_eq!(b["depth"].dims(), &[1, 1, 16, 16]);
         let d = b["depth"].flatten_all()?.to_vec1::<f32>()?;
-        let red = b["image"].narrow(1, 0, 1)?.flatten_all()?.to_vec1::<f32>()?;
+        let red = b["image"]
+            .narrow(1, 0, 1)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         for (dv, iv) in d.iter().zip(&red) {
             // near (-1) where dark, far (+1) where bright; the rescale blurs the seam
             if *dv < -0.9 {
@@ -565,11 +568,19 @@ fn depth_pairs_crop_size_keeps_the_pair_aligned() -> Result<()> {
     }
     assert!(saw_both_halves, "no crop covered the seam in 6 epochs");
     // a crop larger than the rescaled side, or a crop without `size`, is refused by name
-    let e = module(&yaml(", crop_size: 40")).err().map(|e| e.to_string());
-    assert!(e.as_deref().is_some_and(|e| e.contains("crop_size")), "{e:?}");
+    let e = module(&yaml(", crop_size: 40"))
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        e.as_deref().is_some_and(|e| e.contains("crop_size")),
+        "{e:?}"
+    );
     let no_size = yaml(", crop_size: 16").replace("size: 32, ", "");
     let e = module(&no_size).err().map(|e| e.to_string());
-    assert!(e.as_deref().is_some_and(|e| e.contains("needs `size`")), "{e:?}");
+    assert!(
+        e.as_deref().is_some_and(|e| e.contains("needs `size`")),
+        "{e:?}"
+    );
     Ok(())
 }
 
