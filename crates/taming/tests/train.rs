@@ -306,6 +306,29 @@ model:
     let out = taming::pipeline::sample(&model, &req, &mut |_| taming::sampling::Control::Continue)
         .unwrap();
     assert_eq!(out.images.unwrap().dims(), [1, 3, 16, 16]);
+
+    // a new transformer can take its frozen first stage from that whole Net2NetTransformer
+    // checkpoint (its first_stage_model.* tensors), e.g. a second conditioning on the same codes
+    let yaml2 = yaml.replace(
+        &vq_path.display().to_string(),
+        &run.last_checkpoint().display().to_string(),
+    );
+    let cfg2 = match ProjectConfig::from_yaml_str(&yaml2, "tiny_gpt2.yaml")
+        .unwrap()
+        .model
+    {
+        ModelConfig::Transformer(c) => c,
+        _ => unreachable!(),
+    };
+    let t2 = train::gpt::GptTrainer::new(&cfg2, None, 3e-3, 8, 2, &Device::Cpu).unwrap();
+    let stage = |w: BTreeMap<String, Vec<f32>>| -> BTreeMap<String, Vec<f32>> {
+        w.into_iter()
+            .filter(|(k, _)| k.starts_with("first_stage_model."))
+            .collect()
+    };
+    let (a, b) = (stage(weights(&t)), stage(weights(&t2)));
+    assert!(a.len() > 10, "{:?}", a.keys());
+    assert_eq!(a, b);
 }
 
 /// The tiny VQGAN as a `GumbelVQ` (temperature annealed 0.9 -> 0.1 over 40 steps) or an `EMAVQ`,

@@ -44,16 +44,24 @@ fn load_frozen(cfg: &VqModelConfig, what: &str, device: &Device) -> Result<Froze
         ))
     })?;
     let sd = StateDict::load(Path::new(path))?;
+    let strip = stage_prefix(&sd, what);
+    if let Some(p) = &strip {
+        tracing::info!("{what}: taking the {p}* tensors of {path}");
+    }
     // a taming-rs training checkpoint holds optimizer states and the loss networks too
     let keep: BTreeMap<String, Tensor> = sd
         .tensors()
         .iter()
+        .filter_map(|(k, t)| match &strip {
+            Some(p) => k.strip_prefix(p.as_str()).map(|k| (k, t)),
+            None => Some((k.as_str(), t)),
+        })
         .filter(|(k, _)| {
             !k.starts_with("optimizer_states.")
                 && !k.starts_with("loss.")
                 && !cfg.ignore_keys.iter().any(|ik| k.starts_with(ik.as_str()))
         })
-        .map(|(k, t)| (k.clone(), t.clone()))
+        .map(|(k, t)| (k.to_string(), t.clone()))
         .collect();
     let weights = StateDict::from_tensors(keep, sd.source());
     let (model, report) = crate::model::load_vq(cfg, &weights, DType::F32, device)?;
@@ -64,6 +72,17 @@ fn load_frozen(cfg: &VqModelConfig, what: &str, device: &Device) -> Result<Froze
         );
     }
     Ok(Frozen { model, weights })
+}
+
+/// The prefix under which `sd` holds the `what` stage when `sd` is a whole Net2NetTransformer
+/// (a transformer run's checkpoint, a converted model such as the built-in one) rather than a VQ
+/// model's own checkpoint: `first_stage_model.` / `cond_stage_model.`. `None` when the VQ model's
+/// tensors are at the top level (then the file is used as it is).
+fn stage_prefix(sd: &StateDict, what: &str) -> Option<String> {
+    let top_level = sd.tensors().keys().any(|k| k.starts_with("encoder."));
+    let prefix = format!("{what}_model.");
+    let nested = sd.tensors().keys().any(|k| k.starts_with(&prefix));
+    (!top_level && nested).then_some(prefix)
 }
 
 /// Transformer training state.
