@@ -1,6 +1,7 @@
-//! The built-in model (`models/scenes`, trained by taming-rs on the procedural scenes): the
-//! README's first command, `taming sample` with no model arguments, writes a picture that follows
-//! the example label map.
+//! The built-in models (`models/scenes` and `models/scenes-depth`, trained by taming-rs on the
+//! procedural scenes): the README's first command, `taming sample` with no model arguments, writes
+//! a picture that follows the example label map; `--builtin depth` one that follows the example
+//! depth map.
 
 use std::path::Path;
 use std::process::Command;
@@ -55,13 +56,16 @@ fn agreement(img: &RgbImage, labels: &GrayImage, colors: &[Option<[f64; 3]>]) ->
     hits as f64 / (img.width() * img.height()) as f64
 }
 
-#[test]
-fn sample_without_arguments_draws_the_example_scene() {
+/// Runs `taming sample` with `args` (no model named) and returns the 128x128 sample.
+fn sample_builtin(args: &[&str]) -> RgbImage {
     let out = tempfile::tempdir().expect("tempdir");
     let o = Command::new(env!("CARGO_BIN_EXE_taming"))
-        .args(["sample", "--out"])
+        .arg("sample")
+        .args(args)
+        .arg("--out")
         .arg(out.path())
         .env_remove("TAMING_BUILTIN_MODEL")
+        .env_remove("TAMING_BUILTIN_DEPTH_MODEL")
         .output()
         .expect("run taming");
     let text = format!(
@@ -78,12 +82,23 @@ fn sample_without_arguments_draws_the_example_scene() {
     );
     let img = image::open(&sample).expect("sample png").to_rgb8();
     assert_eq!(img.dimensions(), (128, 128));
+    img
+}
+
+/// Colour agreement of `img` with example scene 7's label map, and with that map upside down
+/// (sky where the ground is).
+fn agreement_with_scene_7(img: &RgbImage) -> (f64, f64) {
     let labels = scenes::example_label_map(7, 128, 128);
     let colors = label_colors(24, 128);
-    let score = agreement(&img, &labels, &colors);
-    // the same picture against the label map upside down: sky where the ground is
+    let score = agreement(img, &labels, &colors);
     let flipped = image::imageops::flip_vertical(&labels);
-    let baseline = agreement(&img, &flipped, &colors);
+    (score, agreement(img, &flipped, &colors))
+}
+
+#[test]
+fn sample_without_arguments_draws_the_example_scene() {
+    let img = sample_builtin(&[]);
+    let (score, baseline) = agreement_with_scene_7(&img);
     println!("colour agreement with the label map {score:.3}, with it flipped {baseline:.3}");
     // measured with the shipped model: 0.44 against 0.12 for the flipped map
     assert!(
@@ -96,17 +111,49 @@ fn sample_without_arguments_draws_the_example_scene() {
     );
 }
 
+/// The depth model draws from the depth map alone, so its colours are judged against the same
+/// scene's label map: near ground, far mountains and the sky at infinity should land where the
+/// labels say.
 #[test]
-fn builtin_model_is_small_safetensors() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/scenes");
+fn builtin_depth_model_follows_the_example_depth_map() {
+    let img = sample_builtin(&["--builtin", "depth"]);
+    let (score, baseline) = agreement_with_scene_7(&img);
+    println!("depth model: colour agreement with the scene's label map {score:.3}, flipped {baseline:.3}");
+    // measured with the shipped model: 0.26 against 0.06 (a depth map does not say water or
+    // grass, only near or far, so the colours agree less than the label model's)
+    assert!(
+        score > 0.2,
+        "the sample does not follow its depth map: {score:.3}"
+    );
+    assert!(
+        score > baseline + 0.15,
+        "no better than the flipped map: {score:.3} vs {baseline:.3}"
+    );
+}
+
+#[test]
+fn builtin_models_are_small_safetensors() {
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
     let mut total = 0;
-    for name in ["config.yaml", "model.safetensors", "labels.txt"] {
-        let m = std::fs::metadata(dir.join(name))
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()));
-        total += m.len();
+    for (dir, names) in [
+        (
+            "scenes",
+            &["config.yaml", "model.safetensors", "labels.txt"][..],
+        ),
+        ("scenes-depth", &["config.yaml", "model.safetensors"][..]),
+    ] {
+        for name in names {
+            let path = models.join(dir).join(name);
+            let m = std::fs::metadata(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            total += m.len();
+        }
     }
-    assert!(total <= 40 << 20, "the built-in model takes {total} bytes");
-    let labels = std::fs::read_to_string(dir.join("labels.txt")).expect("labels.txt");
+    // the budget: all weights together at most 40 MB
+    assert!(
+        total <= 40_000_000,
+        "the built-in models take {total} bytes"
+    );
+    let labels = std::fs::read_to_string(models.join("scenes/labels.txt")).expect("labels.txt");
     for (line, l) in labels.lines().zip(scenes::LABELS.iter()) {
         assert_eq!(line, format!("{} {}", l.id, l.name));
     }
