@@ -17,8 +17,8 @@ fn label_colors(n_scenes: u64, size: u32) -> [Option<[f64; 3]>; NUM_LABELS] {
         let s = scenes::render(1000 + seed, size, size);
         for (p, l) in s.image.pixels().zip(s.labels.pixels()) {
             let l = l.0[0] as usize;
-            for c in 0..3 {
-                sum[l][c] += p.0[c] as f64;
+            for (acc, v) in sum[l].iter_mut().zip(p.0) {
+                *acc += v as f64;
             }
             count[l] += 1;
         }

@@ -255,7 +255,7 @@ fn check_ddconfig(cfg: &DdConfig) -> Result<()> {
     if cfg.ch_mult.is_empty() {
         return Err(bad("ch_mult must not be empty".into()));
     }
-    if cfg.ch == 0 || cfg.ch % crate::nn::GROUP_NORM_GROUPS != 0 {
+    if cfg.ch == 0 || !cfg.ch.is_multiple_of(crate::nn::GROUP_NORM_GROUPS) {
         return Err(bad(format!(
             "ch = {} must be a positive multiple of {} (GroupNorm groups)",
             cfg.ch,
@@ -454,7 +454,8 @@ impl VqModel {
             )));
         }
         let f = self.downsample;
-        if dims[2] % f != 0 || dims[3] % f != 0 || dims[2] == 0 || dims[3] == 0 {
+        if !dims[2].is_multiple_of(f) || !dims[3].is_multiple_of(f) || dims[2] == 0 || dims[3] == 0
+        {
             return Err(Error::invalid(format!(
                 "input size {}x{} (HxW) is not divisible by the model's downsampling factor {f}; \
                  crop or resize to {}x{} or {}x{}",

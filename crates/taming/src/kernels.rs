@@ -98,11 +98,7 @@ impl Geometry {
 
 /// Runs `f(plane_index, plane)` over the `planes` equal chunks of `data` on all threads.
 fn par_planes(data: &mut [f32], plane_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let n_planes = if plane_len == 0 {
-        0
-    } else {
-        data.len() / plane_len
-    };
+    let n_planes = data.len().checked_div(plane_len).unwrap_or(0);
     let threads = candle_core::utils::get_num_threads().clamp(1, n_planes.max(1));
     if threads <= 1 || n_planes < 2 {
         for (i, p) in data.chunks_mut(plane_len.max(1)).enumerate() {

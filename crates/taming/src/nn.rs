@@ -139,7 +139,7 @@ impl Normalize {
 
 /// `Normalize(in_channels)` loaded from `vb` (`weight` and `bias`, each (C)).
 pub fn normalize(channels: usize, vb: VarBuilder) -> Result<Normalize> {
-    if channels % GROUP_NORM_GROUPS != 0 {
+    if !channels.is_multiple_of(GROUP_NORM_GROUPS) {
         return Err(crate::Error::invalid(format!(
             "GroupNorm: {channels} channels are not divisible into {GROUP_NORM_GROUPS} groups"
         )));

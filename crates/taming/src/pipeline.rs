@@ -105,7 +105,7 @@ pub struct PipelineProgress<'a> {
 /// Checks a request against the model and returns the latent grid.
 pub fn latent_grid(model: &Net2NetTransformer, size: (usize, usize)) -> Result<(usize, usize)> {
     let f = model.first_stage().downsample_factor();
-    if size.0 == 0 || size.1 == 0 || size.0 % f != 0 || size.1 % f != 0 {
+    if size.0 == 0 || size.1 == 0 || !size.0.is_multiple_of(f) || !size.1.is_multiple_of(f) {
         return Err(Error::invalid(format!(
             "image size {}x{} (HxW) is not divisible by the first stage's downsampling factor {f}",
             size.0, size.1

@@ -198,7 +198,7 @@ pub struct Gpt {
 
 impl Gpt {
     pub fn new(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
-        if cfg.n_head == 0 || cfg.n_embd % cfg.n_head != 0 {
+        if cfg.n_head == 0 || !cfg.n_embd.is_multiple_of(cfg.n_head) {
             return Err(Error::Config {
                 origin: "transformer_config".into(),
                 msg: format!(

@@ -135,7 +135,7 @@ pub fn image_log_due(step: u64, every: u64) -> bool {
     if every == 0 {
         return false;
     }
-    step % every == 0 || (step.is_power_of_two() && step <= every)
+    step.is_multiple_of(every) || (step.is_power_of_two() && step <= every)
 }
 
 /// Runs the training loop from `state` until the limits are reached or `stop` is set.
@@ -225,7 +225,7 @@ pub fn fit(
             state.global_step += 1;
             state.batch_in_epoch += 1;
             let images_per_s = n_images as f64 / dt.max(1e-9);
-            if state.global_step % opts.log_every.max(1) == 0 || state.global_step == 1 {
+            if state.global_step.is_multiple_of(opts.log_every.max(1)) || state.global_step == 1 {
                 let mut row = metrics.clone();
                 row.insert("epoch".into(), state.epoch as f64);
                 row.insert("images_per_s".into(), images_per_s);
@@ -255,7 +255,7 @@ pub fn fit(
                 total_steps,
                 epoch: state.epoch,
             });
-            if opts.save_every > 0 && state.global_step % opts.save_every == 0 {
+            if opts.save_every > 0 && state.global_step.is_multiple_of(opts.save_every) {
                 save(trainer, state, true, on_event)?;
             }
         }
@@ -264,7 +264,9 @@ pub fn fit(
             state.epoch += 1;
             state.batch_in_epoch = 0;
             if let Some(val) = validation {
-                if opts.validate_every_epochs > 0 && state.epoch % opts.validate_every_epochs == 0 {
+                if opts.validate_every_epochs > 0
+                    && state.epoch.is_multiple_of(opts.validate_every_epochs)
+                {
                     let metrics = match validate(trainer, val) {
                         Ok(m) => m,
                         Err(e) => {

@@ -440,7 +440,7 @@ impl Trainer for VqganTrainer {
                 put(&mut m, "train/", &logs);
             }
         }
-        if self.restart_every > 0 && (step + 1) % self.restart_every == 0 {
+        if self.restart_every > 0 && (step + 1).is_multiple_of(self.restart_every) {
             let n = self.restart_unused_codes(&out.prequant, step)?;
             m.insert("train/codes_restarted".into(), n as f64);
         }
