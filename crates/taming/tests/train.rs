@@ -398,6 +398,10 @@ fn gumbel_vq_trains_with_its_temperature_schedule() {
         .unwrap();
     assert!((m["temperature"] - 0.1).abs() < 1e-12);
     assert!(m["train/quant_loss"].is_finite());
+    // training lowers the reconstruction loss: on a fresh model, since the probe step above ran
+    // at temperature 0.1 and already moved the weights (with it "before" was low and the 20 % fall
+    // depended on the seed; from fresh models seeds 1-8 fall to 0.48-0.67 of the start)
+    let mut t = variant_trainer("taming.models.vqgan.GumbelVQ", sched);
     let (before, after) = fit_and_compare(&mut t, 40);
     assert!(after < 0.8 * before, "rec loss {before} -> {after}");
     // a Gumbel model without a schedule cannot be trained, and says why
@@ -570,3 +574,4 @@ fn failed_validation_keeps_the_trained_weights() {
         (4, 1, 0)
     );
 }
+
