@@ -296,6 +296,16 @@ pub fn conv2d_im2col(
             weight.dims()
         )));
     }
+    if (kh, kw, stride) == (3, 3, 1)
+        && pad == Padding::same(1)
+        && crate::direct_conv::conv3x3_supported(x)
+    {
+        let y = crate::direct_conv::conv3x3(x, weight)?; // (B, O, H, W)
+        return Ok(match bias {
+            Some(bias) => y.apply_op2(bias, ChannelBias)?,
+            None => y,
+        });
+    }
     let pointwise = kh == 1 && kw == 1 && stride == 1 && pad == Padding::same(0);
     let (cols, (ho, wo)) = if pointwise {
         (x.reshape((b, c, h * w))?, (h, w)) // (B, C, HW)

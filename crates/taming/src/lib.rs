@@ -22,6 +22,7 @@ pub mod cond_stage;
 pub mod cond_transformer;
 pub mod config;
 pub mod data;
+pub mod direct_conv;
 pub mod error;
 pub mod first_stage;
 pub mod gelu;

@@ -51,7 +51,8 @@ impl Drop for TrainingMode {
 const INFERENCE_IM2COL_BYTES: usize = 512 << 20;
 
 /// Applies a candle `Conv2d`: on the CPU through [`conv2d_im2col`] (fast backward in training
-/// mode; at inference about 1.7x candle's kernel on a 128-channel 256x256 layer) unless its column
+/// mode; at inference about 1.7x candle's kernel on a 128-channel 256x256 layer; 3x3 stride-1
+/// convolutions run [`crate::direct_conv`] there without a column buffer) unless its column
 /// buffer would exceed [`INFERENCE_IM2COL_BYTES`] at inference; otherwise candle's kernel.
 pub fn conv(conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
     let cfg = conv.config();
@@ -60,7 +61,11 @@ pub fn conv(conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
         let k = conv.weight().dims().iter().skip(1).product::<usize>();
         let cols_bytes = 4 * b * k * (h + 2 * cfg.padding) * (w + 2 * cfg.padding)
             / (cfg.stride * cfg.stride).max(1);
-        if training() || cols_bytes <= INFERENCE_IM2COL_BYTES {
+        let direct = conv.weight().dims()[2..] == [3, 3]
+            && cfg.stride == 1
+            && cfg.padding == 1
+            && crate::direct_conv::conv3x3_supported(x);
+        if training() || direct || cols_bytes <= INFERENCE_IM2COL_BYTES {
             return conv2d_im2col(
                 x,
                 conv.weight(),
