@@ -23,6 +23,7 @@ pub mod cond_transformer;
 pub mod config;
 pub mod data;
 pub mod direct_conv;
+pub mod disc_kernels;
 pub mod error;
 pub mod first_stage;
 pub mod gelu;

@@ -20,6 +20,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::checkpoint::StateDict;
+use crate::disc_kernels;
 use crate::kernels::{conv2d_im2col, im2col_supported, Padding};
 use crate::{Error, Result};
 
@@ -413,6 +414,9 @@ impl NLayerDiscriminator {
                     h.broadcast_add(loc.as_tensor())?
                         .broadcast_mul(scale.as_tensor())?
                 }
+                Layer::LeakyRelu if disc_kernels::supported(&h) => {
+                    disc_kernels::leaky_relu(&h, 0.2)?
+                }
                 Layer::LeakyRelu => candle_nn::ops::leaky_relu(&h, 0.2)?,
             };
         }
@@ -434,6 +438,24 @@ fn batch_norm(
 ) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let shape = (1, c, 1, 1);
+    if training && disc_kernels::supported(x) {
+        // the fused op (same formulas, statistics accumulated in float64)
+        let n = (b * h * w) as f64;
+        let xs = x.detach().flatten_all()?.to_vec1::<f32>()?;
+        let stats = disc_kernels::channel_stats(&xs, b, c, h * w);
+        let m: Vec<f32> = stats.iter().map(|s| s.0 as f32).collect();
+        let unbiased: Vec<f32> = stats
+            .iter()
+            .map(|s| (s.1 * n / (n - 1.0).max(1.0)) as f32)
+            .collect();
+        let (m, unbiased) = (
+            Tensor::from_vec(m, c, x.device())?,
+            Tensor::from_vec(unbiased, c, x.device())?,
+        );
+        rm.set(&((rm.as_tensor() * (1.0 - BN_MOMENTUM))? + (m * BN_MOMENTUM)?)?)?;
+        rv.set(&((rv.as_tensor() * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?)?;
+        return disc_kernels::batch_norm_train(x, &weight.reshape(c)?, &bias.reshape(c)?, BN_EPS);
+    }
     let (mean, var) = if training {
         let n = (b * h * w) as f64;
         let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?; // (1, C, 1, 1)
