@@ -209,12 +209,16 @@ unsafe fn tile_avx512<const C: usize, const R: usize>(
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); R]; C];
     let mut p = 0;
+    // counts 16-float steps down to the next prefetch (every `passes` steps)
+    let mut until = 0;
     while p < k {
-        if (p / 16).is_multiple_of(passes) {
+        if until == 0 {
             for row in next {
                 _mm_prefetch::<_MM_HINT_T1>(row.add(lo + p / passes) as *const i8);
             }
+            until = passes;
         }
+        until -= 1;
         let b: [__m512; R] = std::array::from_fn(|r| _mm512_loadu_ps(xrows[r].add(p)));
         for c in 0..C {
             let a = _mm512_loadu_ps(wrows[c].add(p));
