@@ -15,7 +15,7 @@
 //! [`conv3x3_reference`] is the plain version; the tests check the kernel against it and
 //! against candle's `conv2d`, forward and backward.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::Result;
@@ -47,6 +47,14 @@ fn avx512() -> bool {
 /// `x` and `w`. Needs [`conv3x3_supported`].
 pub fn conv3x3(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, Conv3x3::plain())?)
+}
+
+/// [`conv3x3`] plus a bias (O) per output channel, added in the kernel; differentiable in all
+/// three.
+pub fn conv3x3_bias(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    Ok(x
+        .contiguous()?
+        .apply_op3(&w.contiguous()?, &bias.contiguous()?, Conv3x3Bias)?)
 }
 
 /// The plain version: `x` (B, C, H, W) and `w` (O, C, 3, 3) row-major, returns (B, O, H, W).
@@ -203,7 +211,13 @@ impl Out {
 /// that the input rows it reads (all channels) stay in the core's cache while every block of
 /// output channels runs over them; groups split the channels when there are too few bands to
 /// keep every thread busy.
-fn run(x: &[f32], packed: &[f32], dims: (usize, usize, usize, usize), cout: usize) -> Vec<f32> {
+fn run(
+    x: &[f32],
+    packed: &[f32],
+    bias: &[f32],
+    dims: (usize, usize, usize, usize),
+    cout: usize,
+) -> Vec<f32> {
     let (b, cin, h, w) = dims;
     let hw = h * w;
     let mut y = vec![0f32; b * cout * hw];
@@ -238,6 +252,7 @@ fn run(x: &[f32], packed: &[f32], dims: (usize, usize, usize, usize), cout: usiz
         let xb = &x[bi * cin * hw..(bi + 1) * cin * hw];
         for blk in g * per_group..((g + 1) * per_group).min(blocks) {
             let wp = &packed[blk * cin * 9 * OB..(blk + 1) * cin * 9 * OB];
+            let bp = &bias[blk * OB..(blk + 1) * OB];
             let planes = (cout - blk * OB).min(OB);
             for (tp, tile) in &bands[bnd] {
                 // SAFETY: `conv3x3_supported` checked AVX-512F before any op ran. The kernel
@@ -248,7 +263,7 @@ fn run(x: &[f32], packed: &[f32], dims: (usize, usize, usize, usize), cout: usiz
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     let yo = out.ptr().add((bi * cout + blk * OB) * hw);
-                    tile_avx512(xb, hw, cin, wp, tp, tile, w, yo, planes)
+                    tile_avx512(xb, hw, cin, wp, bp, tp, tile, w, yo, planes)
                 };
             }
         }
@@ -264,6 +279,7 @@ unsafe fn tile_avx512(
     hw: usize,
     cin: usize,
     wp: &[f32],
+    bias: &[f32],
     taps: &Taps,
     tile: &[Span],
     w: usize,
@@ -271,7 +287,8 @@ unsafe fn tile_avx512(
     planes: usize,
 ) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); XV]; OB];
+    // the accumulators start at the bias (OB values)
+    let mut acc: [[__m512; XV]; OB] = std::array::from_fn(|o| [_mm512_set1_ps(bias[o]); XV]);
     let xp = x.as_ptr();
     let wptr = wp.as_ptr();
     for ci in 0..cin {
@@ -480,6 +497,44 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
     Ok(&d[a..b])
 }
 
+/// The forward pass of [`Conv3x3`] and [`Conv3x3Bias`] on CPU storages.
+fn forward(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    bias: Option<(&CpuStorage, &Layout)>,
+    flip: bool,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let x = f32_slice(s1, l1, "input")?;
+    let wt = f32_slice(s2, l2, "weight")?;
+    let (b, c, h, w) = l1.shape().dims4()?;
+    let (wo, wc, kh, kw) = l2.shape().dims4()?;
+    let cin = if flip { wo } else { wc };
+    if (kh, kw) != (3, 3) || cin != c {
+        candle_core::bail!(
+            "conv3x3: weight of shape {:?} for an input of shape {:?}",
+            l2.dims(),
+            l1.dims()
+        )
+    }
+    if !avx512() {
+        candle_core::bail!("conv3x3: this CPU has no AVX-512F")
+    }
+    let (packed, _, cout) = pack(wt, wo, wc, flip);
+    // the bias per output channel, padded to whole blocks
+    let mut bp = vec![0f32; cout.div_ceil(OB) * OB];
+    if let Some((s3, l3)) = bias {
+        let bv = f32_slice(s3, l3, "bias")?;
+        if bv.len() != cout {
+            candle_core::bail!("conv3x3: {} biases for {cout} output channels", bv.len())
+        }
+        bp[..cout].copy_from_slice(bv);
+    }
+    let y = run(x, &packed, &bp, (b, c, h, w), cout);
+    Ok((CpuStorage::F32(y), Shape::from((b, cout, h, w))))
+}
+
 impl CustomOp2 for Conv3x3 {
     fn name(&self) -> &'static str {
         "conv3x3"
@@ -492,24 +547,7 @@ impl CustomOp2 for Conv3x3 {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "input")?;
-        let wt = f32_slice(s2, l2, "weight")?;
-        let (b, c, h, w) = l1.shape().dims4()?;
-        let (wo, wc, kh, kw) = l2.shape().dims4()?;
-        let cin = if self.flip { wo } else { wc };
-        if (kh, kw) != (3, 3) || cin != c {
-            candle_core::bail!(
-                "conv3x3: weight of shape {:?} for an input of shape {:?}",
-                l2.dims(),
-                l1.dims()
-            )
-        }
-        if !avx512() {
-            candle_core::bail!("conv3x3: this CPU has no AVX-512F")
-        }
-        let (packed, _, cout) = pack(wt, wo, wc, self.flip);
-        let y = run(x, &packed, (b, c, h, w), cout);
-        Ok((CpuStorage::F32(y), Shape::from((b, cout, h, w))))
+        forward(s1, l1, s2, l2, None, self.flip)
     }
 
     fn bwd(
@@ -526,6 +564,52 @@ impl CustomOp2 for Conv3x3 {
         let dx = grad.apply_op2_no_bwd(w, &Conv3x3::flipped())?; // (B, C, H, W)
         let dw = x.apply_op2_no_bwd(&grad, &WeightGrad { o: w.dim(0)? })?; // (O, C, 3, 3)
         Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// [`Conv3x3`] with a bias (O) added in the kernel (its accumulators start there).
+#[derive(Debug, Clone, Copy)]
+struct Conv3x3Bias;
+
+impl CustomOp3 for Conv3x3Bias {
+    fn name(&self) -> &'static str {
+        "conv3x3-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        forward(s1, l1, s2, l2, Some((s3, l3)), false)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = Conv3x3::plain().bwd(x, w, res, grad)?;
+        // the bias gradient: the output gradient summed per channel
+        let (b, o, h, wd) = grad.dims4()?;
+        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let hw = h * wd;
+        let mut db = vec![0f64; o];
+        for bi in 0..b {
+            for (oi, d) in db.iter_mut().enumerate() {
+                let at = (bi * o + oi) * hw;
+                *d += g[at..at + hw].iter().map(|v| *v as f64).sum::<f64>();
+            }
+        }
+        let db: Vec<f32> = db.into_iter().map(|v| v as f32).collect();
+        Ok((dx, dw, Some(Tensor::from_vec(db, bias.shape(), bias.device())?)))
     }
 }
 
@@ -629,6 +713,20 @@ mod tests {
             for (name, v) in [("x", &x), ("w", &wt)] {
                 let d = max_diff(gw.get(v.as_tensor()).unwrap(), gg.get(v.as_tensor()).unwrap());
                 assert!(d < 1e-3, "grad {name} {b} {c} {o} {h} {w}: {d}");
+            }
+            // with a bias added in the kernel: against candle's conv2d + broadcast add
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, o, &dev)?)?;
+            let got = conv3x3_bias(x.as_tensor(), wt.as_tensor(), bias.as_tensor())?;
+            let want = x
+                .as_tensor()
+                .conv2d(wt.as_tensor(), 1, 1, 1, 1)?
+                .broadcast_add(&bias.as_tensor().reshape((1, o, 1, 1))?)?;
+            assert!(max_diff(&got, &want) < 1e-4, "bias {b} {c} {o} {h} {w}");
+            let gg = (got * &probe)?.sum_all()?.backward()?;
+            let gw = (want * &probe)?.sum_all()?.backward()?;
+            for (name, v) in [("x", &x), ("w", &wt), ("bias", &bias)] {
+                let d = max_diff(gw.get(v.as_tensor()).unwrap(), gg.get(v.as_tensor()).unwrap());
+                assert!(d < 1e-3, "grad {name} with bias {b} {c} {o} {h} {w}: {d}");
             }
         }
         Ok(())

@@ -300,11 +300,10 @@ pub fn conv2d_im2col(
         && pad == Padding::same(1)
         && crate::direct_conv::conv3x3_supported(x)
     {
-        let y = crate::direct_conv::conv3x3(x, weight)?; // (B, O, H, W)
-        return Ok(match bias {
-            Some(bias) => y.apply_op2(bias, ChannelBias)?,
-            None => y,
-        });
+        return match bias {
+            Some(bias) => crate::direct_conv::conv3x3_bias(x, weight, bias), // (B, O, H, W)
+            None => crate::direct_conv::conv3x3(x, weight),
+        };
     }
     let pointwise = kh == 1 && kw == 1 && stride == 1 && pad == Padding::same(0);
     let (cols, (ho, wo)) = if pointwise {
