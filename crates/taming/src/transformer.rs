@@ -329,8 +329,21 @@ impl Gpt {
 
     /// A preallocated cache for `batch` sequences of up to the block size.
     pub fn new_cache(&self, batch: usize) -> Result<KvCache> {
+        self.new_cache_for(batch, self.cfg.block_size)
+    }
+
+    /// A preallocated cache for `batch` sequences of up to `capacity` tokens (at most the block
+    /// size): a sampler that knows its length allocates (and zeroes) only that much; for the
+    /// full-size GPT at batch 8 the whole block is 805 MB.
+    pub fn new_cache_for(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        if capacity > self.cfg.block_size {
+            return Err(Error::invalid(format!(
+                "a KV cache of {capacity} tokens exceeds the transformer's block size {}",
+                self.cfg.block_size
+            )));
+        }
         let hs = self.cfg.n_embd / self.cfg.n_head;
-        let shape = (batch, self.cfg.n_head, self.cfg.block_size, hs);
+        let shape = (batch, self.cfg.n_head, capacity, hs);
         let layers = (0..self.cfg.n_layer)
             .map(|_| -> Result<_> {
                 Ok((
@@ -342,7 +355,7 @@ impl Gpt {
         Ok(KvCache {
             layers,
             len: 0,
-            capacity: self.cfg.block_size,
+            capacity,
         })
     }
 
@@ -360,6 +373,13 @@ impl Gpt {
             != b
         {
             return Err(Error::invalid("KV cache was made for another batch size"));
+        }
+        if start + t > cache.capacity {
+            return Err(Error::invalid(format!(
+                "{} tokens do not fit a KV cache of {}",
+                start + t,
+                cache.capacity
+            )));
         }
         let x = self.embed(idx, None, start)?; // (B, T, C)
         let h = self.hidden(x, start, Some(cache))?; // (B, T, C)
@@ -426,17 +446,22 @@ mod tests {
         )?)
     }
 
+    fn gpt_cache_too_large() -> anyhow::Result<String> {
+        Ok(tiny(0)?.new_cache_for(1, 13).err().map(|e| e.to_string()).unwrap_or_default())
+    }
+
     /// A KV-cached prefill plus single steps equals the full forward pass.
     #[test]
     fn cached_steps_equal_full_forward() -> anyhow::Result<()> {
-        for n_unmasked in [0, 3] {
+        // a cache of the whole block (12) and one of exactly the 9 tokens used
+        for (n_unmasked, capacity) in [(0, 12), (3, 12), (0, 9), (3, 9)] {
             let gpt = tiny(n_unmasked)?;
             let idx = Tensor::new(
                 &[[1u32, 4, 7, 2, 9, 10, 0, 5, 3], [3, 3, 1, 8, 6, 2, 7, 7, 1]],
                 &Device::Cpu,
             )?;
             let full = gpt.forward(&idx, None)?; // (2, 9, 11)
-            let mut cache = gpt.new_cache(2)?;
+            let mut cache = gpt.new_cache_for(2, capacity)?;
             // prefill 4 tokens (covering the unmasked prefix), then one token at a time
             let l = gpt.forward_cached(&idx.narrow(1, 0, 4)?, &mut cache)?;
             assert!(max_abs_diff(&l, &full.narrow(1, 3, 1)?.squeeze(1)?)? < 1e-5);
@@ -447,7 +472,15 @@ mod tests {
                 let single = gpt.logits_at(&idx, p)?;
                 assert!(max_abs_diff(&single, &l)? < 1e-5);
             }
+            if capacity == 9 {
+                let e = gpt
+                    .forward_cached(&idx.narrow(1, 0, 1)?, &mut cache)
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains("do not fit a KV cache of 9"), "{e}");
+            }
         }
+        assert!(gpt_cache_too_large()?.contains("exceeds the transformer's block size 12"));
         Ok(())
     }
 

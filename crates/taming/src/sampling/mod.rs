@@ -190,7 +190,7 @@ pub fn sample_sequence(
             cancelled: false,
         });
     }
-    let mut cache = gpt.new_cache(b)?;
+    let mut cache = gpt.new_cache_for(b, needed)?;
     let start = match (nc, n0) {
         (_, 0) => c.to_dtype(DType::U32)?,
         (0, _) => prefix.to_dtype(DType::U32)?,
