@@ -135,52 +135,67 @@ fn pack(w: &[f32], wo: usize, wc: usize, flip: bool) -> (Vec<f32>, usize, usize)
     (p, cin, cout)
 }
 
-/// One 16-pixel vector of an output row: where it starts (row, column) and which lanes exist.
+/// One 16-pixel vector of output: 16 consecutive pixels of the row-major (h, w) plane from
+/// `start` (crossing rows when w is not a multiple of 16, so that narrow planes such as 8x8 still
+/// fill the lanes), and which lanes exist (the plane's last vector may be short).
 #[derive(Clone, Copy)]
 struct Span {
-    row: usize,
-    col: usize,
+    start: usize,
     lanes: u16,
 }
 
-/// The output pixels of an (h, w) plane as 16-lane spans, row by row.
+/// The output pixels of an (h, w) plane as 16-lane spans.
 fn spans(h: usize, w: usize) -> Vec<Span> {
-    let mut v = Vec::with_capacity(h * w.div_ceil(LANES));
-    for row in 0..h {
-        for col in (0..w).step_by(LANES) {
-            let n = (w - col).min(LANES);
-            v.push(Span {
-                row,
-                col,
-                lanes: ((1u32 << n) - 1) as u16,
-            });
-        }
-    }
-    v
+    let hw = h * w;
+    (0..hw)
+        .step_by(LANES)
+        .map(|start| Span {
+            start,
+            lanes: ((1u32 << (hw - start).min(LANES)) - 1) as u16,
+        })
+        .collect()
+}
+
+/// Spans grouped into bands of about `rows` rows (whole spans), each band into tiles of [`XV`]
+/// spans with their [`Taps`].
+fn bands(h: usize, w: usize, rows: usize) -> Vec<Vec<(Taps, Vec<Span>)>> {
+    let per_band = (rows * w / LANES).max(1);
+    spans(h, w)
+        .chunks(per_band)
+        .map(|band| {
+            band.chunks(XV)
+                .map(|t| (taps(t, h, w), t.to_vec()))
+                .collect()
+        })
+        .collect()
 }
 
 /// For each tap and each span of a tile: the offset of the input pixel that lane 0 reads
 /// (relative to the channel plane, may be negative) and the lanes that read inside the plane.
+/// Lane l of a span stands for output pixel p = start + l, at (p / w, p % w); for tap (ky, kx) it
+/// reads input pixel p + (ky - 1) * w + kx - 1, consecutive in l, which is valid when its row and
+/// column (not the flat index) lie inside the plane.
 type Taps = [[(isize, u16); XV]; 9];
 
 fn taps(tile: &[Span], h: usize, w: usize) -> Taps {
     let mut t = [[(0isize, 0u16); XV]; 9];
     for (v, s) in tile.iter().enumerate() {
         for ky in 0..3 {
-            let iy = s.row as isize + ky as isize - 1;
-            if iy < 0 || iy >= h as isize {
-                continue; // a padding row: mask 0 loads zeros
-            }
             for kx in 0..3 {
-                let ix0 = s.col as isize + kx as isize - 1;
-                let mut m = s.lanes;
+                let mut m = 0u16;
                 for l in 0..LANES {
-                    let ix = ix0 + l as isize;
-                    if ix < 0 || ix >= w as isize {
-                        m &= !(1u16 << l);
+                    if s.lanes & (1 << l) == 0 {
+                        continue;
+                    }
+                    let p = s.start + l;
+                    let iy = (p / w) as isize + ky as isize - 1;
+                    let ix = (p % w) as isize + kx as isize - 1;
+                    if iy >= 0 && iy < h as isize && ix >= 0 && ix < w as isize {
+                        m |= 1 << l;
                     }
                 }
-                t[ky * 3 + kx][v] = (iy * w as isize + ix0, m);
+                let off = s.start as isize + (ky as isize - 1) * w as isize + kx as isize - 1;
+                t[ky * 3 + kx][v] = (off, m);
             }
         }
     }
@@ -226,17 +241,7 @@ fn run(
     }
     let row_bytes = 4 * cin * w;
     let band = (BAND_BYTES / row_bytes.max(1)).saturating_sub(2).clamp(1, h);
-    let bands: Vec<Vec<(Taps, Vec<Span>)>> = (0..h)
-        .step_by(band)
-        .map(|r0| {
-            let sp = spans(h, w);
-            let per_row = w.div_ceil(LANES);
-            let mine = &sp[r0 * per_row..(r0 + band).min(h) * per_row];
-            mine.chunks(XV)
-                .map(|t| (taps(t, h, w), t.to_vec()))
-                .collect()
-        })
-        .collect();
+    let bands = bands(h, w, band);
     let blocks = cout.div_ceil(OB);
     let threads = rayon::current_num_threads();
     let groups = (4 * threads)
@@ -263,7 +268,7 @@ fn run(
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     let yo = out.ptr().add((bi * cout + blk * OB) * hw);
-                    tile_avx512(xb, hw, cin, wp, bp, tp, tile, w, yo, planes)
+                    tile_avx512(xb, hw, cin, wp, bp, tp, tile, yo, planes)
                 };
             }
         }
@@ -282,7 +287,6 @@ unsafe fn tile_avx512(
     bias: &[f32],
     taps: &Taps,
     tile: &[Span],
-    w: usize,
     y: *mut f32,
     planes: usize,
 ) {
@@ -310,8 +314,7 @@ unsafe fn tile_avx512(
     }
     for (o, row) in acc.iter().enumerate().take(planes) {
         for (s, a) in tile.iter().zip(row) {
-            let at = o * hw + s.row * w + s.col;
-            _mm512_mask_storeu_ps(y.add(at), s.lanes, *a);
+            _mm512_mask_storeu_ps(y.add(o * hw + s.start), s.lanes, *a);
         }
     }
 }
@@ -341,17 +344,7 @@ pub fn weight_grad(x: &[f32], dy: &[f32], dims: (usize, usize, usize, usize), o:
     // bands whose output-gradient rows (WB channels) stay in the L1 cache across the input
     // channels and kernel rows that read them
     let band = (WGRAD_BAND_BYTES / (4 * WB * w)).clamp(1, h);
-    let sp = spans(h, w);
-    let per_row = w.div_ceil(LANES);
-    let bands: Vec<Vec<(Taps, Vec<Span>)>> = (0..h)
-        .step_by(band)
-        .map(|r0| {
-            sp[r0 * per_row..(r0 + band).min(h) * per_row]
-                .chunks(XV)
-                .map(|t| (taps(t, h, w), t.to_vec()))
-                .collect()
-        })
-        .collect();
+    let bands = bands(h, w, band);
     let blocks = o.div_ceil(WB);
     let threads = rayon::current_num_threads();
     let groups = (4 * threads).div_ceil(blocks).clamp(1, c);
@@ -379,7 +372,7 @@ pub fn weight_grad(x: &[f32], dy: &[f32], dims: (usize, usize, usize, usize), o:
                         // planes) and `planes` planes of `dyb`, and writes only `a`.
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
-                            wgrad_row_avx512(xc, dyb, hw, planes, w, ky, tiles, a)
+                            wgrad_row_avx512(xc, dyb, hw, planes, ky, tiles, a)
                         };
                     }
                 }
@@ -407,13 +400,11 @@ pub fn weight_grad(x: &[f32], dy: &[f32], dims: (usize, usize, usize, usize), o:
 /// ([`WB`] x 3 taps x 16 lanes).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn wgrad_row_avx512(
     xc: &[f32],
     dy: &[f32],
     hw: usize,
     planes: usize,
-    w: usize,
     ky: usize,
     tiles: &[(Taps, Vec<Span>)],
     acc: &mut [f32],
@@ -429,7 +420,7 @@ unsafe fn wgrad_row_avx512(
     for (tp, tile) in tiles {
         for (v, s) in tile.iter().enumerate() {
             let mut g = [_mm512_setzero_ps(); WB];
-            let at = s.row * w + s.col;
+            let at = s.start;
             for (o, gv) in g.iter_mut().enumerate() {
                 // all WB registers are loaded (zeros past the last plane, not read) so that
                 // the tile stays in registers
@@ -659,7 +650,7 @@ mod tests {
     }
 
     /// Kernel against the plain loop and candle's conv2d, for widths below, at and across the
-    /// 16-lane vectors, channel counts not a multiple of the 6-channel tile, and the gradients
+    /// 16-lane vectors (which then cross rows), channel counts not a multiple of the 6-channel tile, and the gradients
     /// against candle's.
     #[test]
     fn matches_plain_loop_and_candle_forward_and_backward() -> anyhow::Result<()> {
@@ -674,6 +665,8 @@ mod tests {
             (1, 4, 7, 16, 16),
             (2, 5, 13, 5, 33),
             (1, 8, 6, 12, 20),
+            // 8x8 planes: each 16-lane vector holds two rows
+            (2, 16, 7, 8, 8),
             // 168 KB input rows: bands of 4 rows (the second one short) and two channel groups
             (1, 70, 7, 6, 600),
         ] {
