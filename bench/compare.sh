@@ -2,7 +2,7 @@
 # Side-by-side timings of taming-rs and the reference (PyTorch) on this machine, in one run, so
 # that ratios do not suffer from drift between runs. Needs a release build and a Python with
 # torch + taming-transformers-rom1504 (PY, default python3).
-#   bench/compare.sh first-stage | sample
+#   bench/compare.sh first-stage | sample | train
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -20,5 +20,10 @@ case "${1:-sample}" in
     done
     # label-to-image shape: 256 condition tokens; the reference samples these without a cache
     $T bench sample --config $C --random-weights --cond-tokens 256 --tokens 256 --batch 1 ;;
-  *) echo "usage: $0 first-stage|sample" >&2; exit 2 ;;
+  train)
+    # a VQGAN training step with the discriminator active (PyTorch: bench/pytorch_train_step.py)
+    C=configs/photos/vqgan.yaml
+    $T bench train --config $C --batch 8 --size 64
+    $PY bench/pytorch_train_step.py $C --batch 8 --size 64 ;;
+  *) echo "usage: $0 first-stage|sample|train" >&2; exit 2 ;;
 esac
