@@ -88,17 +88,26 @@ fn erf(x: f32) -> f32 {
     y.copysign(x)
 }
 
-/// `exp(-v)` for v >= 0 (Cephes' expf polynomial after reducing by powers of two); below
-/// `exp(-87)` (smaller than any erf correction float32 can hold) it returns `exp(-87)`.
+/// `exp(-v)` for v >= 0; below `exp(-87)` (smaller than any erf correction float32 can hold) it
+/// returns `exp(-87)`.
 #[inline(always)]
 fn exp_neg(v: f32) -> f32 {
+    exp_approx(-v)
+}
+
+/// `exp(x)` for x clamped to [-87, 88] (Cephes' expf polynomial after reducing by powers of two,
+/// about 1 ulp), branch-free so that loops over it vectorise; also the swish of
+/// [`crate::group_norm`].
+#[inline(always)]
+pub(crate) fn exp_approx(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let y = -v.min(87.0); // in [-87, 0]
-                          // n = round(y / ln 2) (y <= 0, so truncating y/ln2 - 0.5 rounds to nearest)
-    let n = (y * LOG2E - 0.5) as i32;
-    let nf = n as f32;
+    let y = x.clamp(-87.0, 88.0);
+    // n = round(y / ln 2), in [-126, 127]: adding and removing 1.5 * 2^23 rounds to the
+    // nearest integer in float arithmetic (no floor call, which baseline x86-64 lacks)
+    const ROUND: f32 = 12_582_912.0;
+    let nf = (y * LOG2E + ROUND) - ROUND;
     let r = y - nf * LN2_HI - nf * LN2_LO; // |r| <= ln 2 / 2
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -107,8 +116,8 @@ fn exp_neg(v: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let e = 1.0 + r + r * r * p;
-    // 2^n with n >= -126 (y >= -87): the exponent field directly
-    e * f32::from_bits(((n + 127) as u32) << 23)
+    // 2^n with -126 <= n <= 127: the exponent field directly
+    e * f32::from_bits(((nf as i32 + 127) as u32) << 23)
 }
 
 #[cfg(test)]
