@@ -417,16 +417,16 @@ unsafe fn wgrad_row_avx512(
         }
     }
     let xp = xc.as_ptr();
+    // past the last plane a block reads the last plane again (its sums are never stored), so
+    // that all WB registers load from memory the block has, without per-plane masks
+    let dyp: [*const f32; WB] = std::array::from_fn(|o| dy.as_ptr().add(o.min(planes - 1) * hw));
     for (tp, tile) in tiles {
         for (v, s) in tile.iter().enumerate() {
-            let mut g = [_mm512_setzero_ps(); WB];
-            let at = s.start;
-            for (o, gv) in g.iter_mut().enumerate() {
-                // all WB registers are loaded (zeros past the last plane, not read) so that
-                // the tile stays in registers
-                let m = if o < planes { s.lanes } else { 0 };
-                *gv = _mm512_maskz_loadu_ps(m, dy.as_ptr().wrapping_add(o * hw + at));
-            }
+            let g: [__m512; WB] = if s.lanes == u16::MAX {
+                std::array::from_fn(|o| _mm512_loadu_ps(dyp[o].add(s.start)))
+            } else {
+                std::array::from_fn(|o| _mm512_maskz_loadu_ps(s.lanes, dyp[o].add(s.start)))
+            };
             for kx in 0..3 {
                 let (off, m) = tp[ky * 3 + kx][v];
                 // masked-off lanes are not read (AVX-512 suppresses their faults)
