@@ -46,19 +46,24 @@ fn avx512() -> bool {
 /// `conv2d(x (B, C, H, W), w (O, C, 3, 3), padding=1)`: (B, O, H, W), no bias; differentiable in
 /// `x` and `w`. Needs [`conv3x3_supported`].
 pub fn conv3x3(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, Conv3x3::plain())?)
+    Ok(x.contiguous()?
+        .apply_op2(&w.contiguous()?, Conv3x3::plain())?)
 }
 
 /// [`conv3x3`] plus a bias (O) per output channel, added in the kernel; differentiable in all
 /// three.
 pub fn conv3x3_bias(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    Ok(x
-        .contiguous()?
+    Ok(x.contiguous()?
         .apply_op3(&w.contiguous()?, &bias.contiguous()?, Conv3x3Bias)?)
 }
 
 /// The plain version: `x` (B, C, H, W) and `w` (O, C, 3, 3) row-major, returns (B, O, H, W).
-pub fn conv3x3_reference(x: &[f32], w: &[f32], dims: (usize, usize, usize, usize), o: usize) -> Vec<f32> {
+pub fn conv3x3_reference(
+    x: &[f32],
+    w: &[f32],
+    dims: (usize, usize, usize, usize),
+    o: usize,
+) -> Vec<f32> {
     let (b, c, h, wd) = dims;
     let mut y = vec![0f32; b * o * h * wd];
     for bi in 0..b {
@@ -240,13 +245,13 @@ fn run(
         return y;
     }
     let row_bytes = 4 * cin * w;
-    let band = (BAND_BYTES / row_bytes.max(1)).saturating_sub(2).clamp(1, h);
+    let band = (BAND_BYTES / row_bytes.max(1))
+        .saturating_sub(2)
+        .clamp(1, h);
     let bands = bands(h, w, band);
     let blocks = cout.div_ceil(OB);
     let threads = rayon::current_num_threads();
-    let groups = (4 * threads)
-        .div_ceil(b * bands.len())
-        .clamp(1, blocks);
+    let groups = (4 * threads).div_ceil(b * bands.len()).clamp(1, blocks);
     let per_group = blocks.div_ceil(groups);
     let out = Out(y.as_mut_ptr());
     let n_tasks = b * bands.len() * groups;
@@ -334,7 +339,12 @@ const WB: usize = 6;
 /// the result. Each walks the images band by band (as [`run`]); per input channel and kernel row
 /// it keeps 6 x 3 vector accumulators in registers over the band and in a small buffer between
 /// bands, and reduces their lanes at the end.
-pub fn weight_grad(x: &[f32], dy: &[f32], dims: (usize, usize, usize, usize), o: usize) -> Vec<f32> {
+pub fn weight_grad(
+    x: &[f32],
+    dy: &[f32],
+    dims: (usize, usize, usize, usize),
+    o: usize,
+) -> Vec<f32> {
     let (b, c, h, w) = dims;
     let hw = h * w;
     let mut dw = vec![0f32; o * c * 9];
@@ -478,16 +488,6 @@ pub fn weight_grad_reference(
     dw
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(d) = s else {
-        candle_core::bail!("conv3x3: {what} must be float32")
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("conv3x3: {what} must be contiguous")
-    };
-    Ok(&d[a..b])
-}
-
 /// The forward pass of [`Conv3x3`] and [`Conv3x3Bias`] on CPU storages.
 fn forward(
     s1: &CpuStorage,
@@ -497,8 +497,8 @@ fn forward(
     bias: Option<(&CpuStorage, &Layout)>,
     flip: bool,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
-    let x = f32_slice(s1, l1, "input")?;
-    let wt = f32_slice(s2, l2, "weight")?;
+    let x = crate::kernels::cpu_f32(s1, l1, "conv3x3 input")?;
+    let wt = crate::kernels::cpu_f32(s2, l2, "conv3x3 weight")?;
     let (b, c, h, w) = l1.shape().dims4()?;
     let (wo, wc, kh, kw) = l2.shape().dims4()?;
     let cin = if flip { wo } else { wc };
@@ -516,7 +516,7 @@ fn forward(
     // the bias per output channel, padded to whole blocks
     let mut bp = vec![0f32; cout.div_ceil(OB) * OB];
     if let Some((s3, l3)) = bias {
-        let bv = f32_slice(s3, l3, "bias")?;
+        let bv = crate::kernels::cpu_f32(s3, l3, "conv3x3 bias")?;
         if bv.len() != cout {
             candle_core::bail!("conv3x3: {} biases for {cout} output channels", bv.len())
         }
@@ -600,7 +600,11 @@ impl CustomOp3 for Conv3x3Bias {
             }
         }
         let db: Vec<f32> = db.into_iter().map(|v| v as f32).collect();
-        Ok((dx, dw, Some(Tensor::from_vec(db, bias.shape(), bias.device())?)))
+        Ok((
+            dx,
+            dw,
+            Some(Tensor::from_vec(db, bias.shape(), bias.device())?),
+        ))
     }
 }
 
@@ -622,8 +626,8 @@ impl CustomOp2 for WeightGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "input")?;
-        let dy = f32_slice(s2, l2, "output gradient")?;
+        let x = crate::kernels::cpu_f32(s1, l1, "conv3x3 input")?;
+        let dy = crate::kernels::cpu_f32(s2, l2, "conv3x3 output gradient")?;
         let (b, c, h, w) = l1.shape().dims4()?;
         if l2.dims() != [b, self.o, h, w] {
             candle_core::bail!(
@@ -650,8 +654,8 @@ mod tests {
     }
 
     /// Kernel against the plain loop and candle's conv2d, for widths below, at and across the
-    /// 16-lane vectors (which then cross rows), channel counts not a multiple of the 6-channel tile, and the gradients
-    /// against candle's.
+    /// 16-lane vectors (which then cross rows), channel counts not a multiple of the 6-channel
+    /// tile, and the gradients against candle's.
     #[test]
     fn matches_plain_loop_and_candle_forward_and_backward() -> anyhow::Result<()> {
         if !avx512() {
@@ -704,7 +708,10 @@ mod tests {
             let gw = (want * &probe)?.sum_all()?.backward()?;
             let gg = (got * &probe)?.sum_all()?.backward()?;
             for (name, v) in [("x", &x), ("w", &wt)] {
-                let d = max_diff(gw.get(v.as_tensor()).unwrap(), gg.get(v.as_tensor()).unwrap());
+                let d = max_diff(
+                    gw.get(v.as_tensor()).unwrap(),
+                    gg.get(v.as_tensor()).unwrap(),
+                );
                 assert!(d < 1e-3, "grad {name} {b} {c} {o} {h} {w}: {d}");
             }
             // with a bias added in the kernel: against candle's conv2d + broadcast add
@@ -718,7 +725,10 @@ mod tests {
             let gg = (got * &probe)?.sum_all()?.backward()?;
             let gw = (want * &probe)?.sum_all()?.backward()?;
             for (name, v) in [("x", &x), ("w", &wt), ("bias", &bias)] {
-                let d = max_diff(gw.get(v.as_tensor()).unwrap(), gg.get(v.as_tensor()).unwrap());
+                let d = max_diff(
+                    gw.get(v.as_tensor()).unwrap(),
+                    gg.get(v.as_tensor()).unwrap(),
+                );
                 assert!(d < 1e-3, "grad {name} with bias {b} {c} {o} {h} {w}: {d}");
             }
         }

@@ -19,17 +19,7 @@ pub fn supported(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(d) = s else {
-        candle_core::bail!("{what} must be float32")
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what} must be contiguous")
-    };
-    Ok(&d[a..b])
-}
-
-fn cpu_f32(t: &Tensor, what: &str) -> candle_core::Result<Vec<f32>> {
+fn tensor_f32(t: &Tensor, what: &str) -> candle_core::Result<Vec<f32>> {
     if t.dtype() != DType::F32 {
         candle_core::bail!("{what} must be float32, not {:?}", t.dtype())
     }
@@ -58,9 +48,11 @@ pub fn channel_stats(x: &[f32], b: usize, c: usize, hw: usize) -> Vec<(f64, f64)
 /// batch's per-channel mean and biased variance, for `x` (B, C, H, W) and `weight`, `bias` (C).
 /// Differentiable in all three (the statistics are functions of `x`, as in torch).
 pub fn batch_norm_train(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(x
-        .contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, BatchNormTrain { eps })?)
+    Ok(x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        BatchNormTrain { eps },
+    )?)
 }
 
 /// The plain version of [`batch_norm_train`], composed from candle ops.
@@ -73,7 +65,11 @@ pub fn batch_norm_train_reference(
     let c = x.dim(1)?;
     let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?; // (1, C, 1, 1)
     let xc = x.broadcast_sub(&mean)?; // (B, C, H, W)
-    let var = xc.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?; // (1, C, 1, 1)
+    let var = xc
+        .sqr()?
+        .mean_keepdim(0)?
+        .mean_keepdim(2)?
+        .mean_keepdim(3)?; // (1, C, 1, 1)
     let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?; // (B, C, H, W)
     Ok(y.broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
         .broadcast_add(&bias.reshape((1, c, 1, 1))?)?)
@@ -98,9 +94,9 @@ impl CustomOp3 for BatchNormTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, "batch norm input")?;
-        let w = slice(s2, l2, "batch norm weight")?;
-        let bias = slice(s3, l3, "batch norm bias")?;
+        let x = crate::kernels::cpu_f32(s1, l1, "batch norm input")?;
+        let w = crate::kernels::cpu_f32(s2, l2, "batch norm weight")?;
+        let bias = crate::kernels::cpu_f32(s3, l3, "batch norm bias")?;
         let (b, c, h, wd) = l1.shape().dims4()?;
         if w.len() != c || bias.len() != c {
             candle_core::bail!(
@@ -139,9 +135,9 @@ impl CustomOp3 for BatchNormTrain {
         let (b, c, h, wd) = x.dims4()?;
         let hw = h * wd;
         let n = (b * hw).max(1) as f64;
-        let xs = cpu_f32(x, "batch norm input")?;
-        let gs = cpu_f32(grad, "batch norm gradient")?;
-        let w = cpu_f32(weight, "batch norm weight")?;
+        let xs = tensor_f32(x, "batch norm input")?;
+        let gs = tensor_f32(grad, "batch norm gradient")?;
+        let w = tensor_f32(weight, "batch norm weight")?;
         let stats = channel_stats(&xs, b, c, hw);
         let plane = |bi: usize, ci: usize| (bi * c + ci) * hw..(bi * c + ci + 1) * hw;
         // per channel: sum(g) and sum(g * xhat)
@@ -207,15 +203,18 @@ impl CustomOp1 for LeakyRelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "leaky relu input")?;
+        let x = crate::kernels::cpu_f32(s, l, "leaky relu input")?;
         let k = self.slope;
-        let y: Vec<f32> = x.iter().map(|v| if *v > 0.0 { *v } else { v * k }).collect();
+        let y: Vec<f32> = x
+            .iter()
+            .map(|v| if *v > 0.0 { *v } else { v * k })
+            .collect();
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let xs = cpu_f32(x, "leaky relu input")?;
-        let gs = cpu_f32(grad, "leaky relu gradient")?;
+        let xs = tensor_f32(x, "leaky relu input")?;
+        let gs = tensor_f32(grad, "leaky relu gradient")?;
         let k = self.slope;
         let d: Vec<f32> = xs
             .iter()
@@ -248,7 +247,10 @@ mod tests {
         let gg = (got * &probe)?.sum_all()?.backward()?;
         let gw = (want * &probe)?.sum_all()?.backward()?;
         for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
-            let d = max_diff(gg.get(v.as_tensor()).unwrap(), gw.get(v.as_tensor()).unwrap());
+            let d = max_diff(
+                gg.get(v.as_tensor()).unwrap(),
+                gw.get(v.as_tensor()).unwrap(),
+            );
             assert!(d < 1e-4, "gradient of {name}: {d}");
         }
         Ok(())
@@ -265,7 +267,11 @@ mod tests {
         assert!(max_diff(&got, &want) < 1e-7);
         let probe = Tensor::randn(0f32, 1.0, (2, 4, 5), &dev)?;
         let g = (got * &probe)?.sum_all()?.backward()?;
-        let dx = g.get(x.as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?;
+        let dx = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let (xs, ps) = (
             x.as_tensor().flatten_all()?.to_vec1::<f32>()?,
             probe.flatten_all()?.to_vec1::<f32>()?,

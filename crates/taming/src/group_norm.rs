@@ -173,7 +173,14 @@ impl GroupNormOp {
 /// One (batch, group) slice of the forward pass: `o` from `xs` (cpg channels of hw values) with
 /// the group's weights `gamma`, `beta` (cpg). Written so that the compiler vectorises it.
 #[inline(always)]
-fn forward_group(op: &GroupNormOp, o: &mut [f32], xs: &[f32], gamma: &[f32], beta: &[f32], hw: usize) {
+fn forward_group(
+    op: &GroupNormOp,
+    o: &mut [f32],
+    xs: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    hw: usize,
+) {
     let (mean, rstd) = stats(xs, op.eps);
     for (ci, (oc, xc)) in o.chunks_mut(hw).zip(xs.chunks(hw)).enumerate() {
         let scale = gamma[ci] * rstd;

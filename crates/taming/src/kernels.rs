@@ -214,6 +214,21 @@ impl Im2Col {
 }
 
 /// The contiguous f32 data of a tensor (copied only when it is not already contiguous f32).
+/// The values of a contiguous float32 CPU storage; `what` names the operand in the error.
+pub(crate) fn cpu_f32<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(d) = s else {
+        candle_core::bail!("{what} must be float32")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what} must be contiguous")
+    };
+    Ok(&d[a..b])
+}
+
 fn f32_data(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }

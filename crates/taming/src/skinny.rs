@@ -498,7 +498,11 @@ mod tests {
             let (mut a, mut b) = (vec![0f32; hs], vec![0f32; hs]);
             attend(&q, &k, &v, 0.125, &mut a);
             attend_plain(&q, &k, &v, 0.125, &mut b);
-            let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let d = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
             assert!(d < 1e-5, "len {len} hs {hs}: {d}");
         }
         // more than one query, or a length past the capacity: not taken

@@ -447,7 +447,11 @@ mod tests {
     }
 
     fn gpt_cache_too_large() -> anyhow::Result<String> {
-        Ok(tiny(0)?.new_cache_for(1, 13).err().map(|e| e.to_string()).unwrap_or_default())
+        Ok(tiny(0)?
+            .new_cache_for(1, 13)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default())
     }
 
     /// A KV-cached prefill plus single steps equals the full forward pass.

@@ -574,4 +574,3 @@ fn failed_validation_keeps_the_trained_weights() {
         (4, 1, 0)
     );
 }
-
