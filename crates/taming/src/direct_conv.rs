@@ -589,22 +589,8 @@ impl CustomOp3 for Conv3x3Bias {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw) = Conv3x3::plain().bwd(x, w, res, grad)?;
         // the bias gradient: the output gradient summed per channel
-        let (b, o, h, wd) = grad.dims4()?;
-        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let hw = h * wd;
-        let mut db = vec![0f64; o];
-        for bi in 0..b {
-            for (oi, d) in db.iter_mut().enumerate() {
-                let at = (bi * o + oi) * hw;
-                *d += g[at..at + hw].iter().map(|v| *v as f64).sum::<f64>();
-            }
-        }
-        let db: Vec<f32> = db.into_iter().map(|v| v as f32).collect();
-        Ok((
-            dx,
-            dw,
-            Some(Tensor::from_vec(db, bias.shape(), bias.device())?),
-        ))
+        let db = crate::kernels::channel_sums(grad, bias)?;
+        Ok((dx, dw, Some(db)))
     }
 }
 

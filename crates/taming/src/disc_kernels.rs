@@ -27,7 +27,7 @@ fn tensor_f32(t: &Tensor, what: &str) -> candle_core::Result<Vec<f32>> {
 }
 
 /// Per-channel mean and biased variance of `x` (B, C, H, W) given as a flat slice.
-pub fn channel_stats(x: &[f32], b: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
+fn channel_stats(x: &[f32], b: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
     (0..c)
         .into_par_iter()
         .map(|ci| {
@@ -46,13 +46,37 @@ pub fn channel_stats(x: &[f32], b: usize, c: usize, hw: usize) -> Vec<(f64, f64)
 
 /// `BatchNorm2d` in training mode: `(x - mean) / sqrt(var + eps) * weight + bias` with the
 /// batch's per-channel mean and biased variance, for `x` (B, C, H, W) and `weight`, `bias` (C).
-/// Differentiable in all three (the statistics are functions of `x`, as in torch).
-pub fn batch_norm_train(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op3(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
-        BatchNormTrain { eps },
-    )?)
+/// Differentiable in all three (the statistics are functions of `x`, as in torch). Also returns
+/// the statistics, per channel (mean, biased variance), computed once for the output, the
+/// backward pass and the caller's running averages.
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Vec<(f64, f64)>)> {
+    let x = x.contiguous()?;
+    let (b, c, h, w) = x.dims4()?;
+    let stats = {
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(s) = &*storage else {
+            return Err(crate::Error::invalid(
+                "batch norm: the fused op runs on the CPU",
+            ));
+        };
+        channel_stats(
+            crate::kernels::cpu_f32(s, layout, "batch norm input")?,
+            b,
+            c,
+            h * w,
+        )
+    };
+    let op = BatchNormTrain {
+        eps,
+        stats: stats.clone(),
+    };
+    let y = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+    Ok((y, stats))
 }
 
 /// The plain version of [`batch_norm_train`], composed from candle ops.
@@ -75,9 +99,11 @@ pub fn batch_norm_train_reference(
         .broadcast_add(&bias.reshape((1, c, 1, 1))?)?)
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct BatchNormTrain {
     eps: f64,
+    /// Per channel (mean, biased variance) of the input this op is applied to.
+    stats: Vec<(f64, f64)>,
 }
 
 impl CustomOp3 for BatchNormTrain {
@@ -106,7 +132,10 @@ impl CustomOp3 for BatchNormTrain {
             )
         }
         let hw = h * wd;
-        let stats = channel_stats(x, b, c, hw);
+        if self.stats.len() != c || x.len() != b * c * hw {
+            candle_core::bail!("batch norm: statistics for another input")
+        }
+        let stats = &self.stats;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(hw.max(1))
             .zip(x.par_chunks(hw.max(1)))
@@ -138,7 +167,7 @@ impl CustomOp3 for BatchNormTrain {
         let xs = tensor_f32(x, "batch norm input")?;
         let gs = tensor_f32(grad, "batch norm gradient")?;
         let w = tensor_f32(weight, "batch norm weight")?;
-        let stats = channel_stats(&xs, b, c, hw);
+        let stats = &self.stats;
         let plane = |bi: usize, ci: usize| (bi * c + ci) * hw..(bi * c + ci + 1) * hw;
         // per channel: sum(g) and sum(g * xhat)
         let sums: Vec<(f64, f64)> = (0..c)
@@ -240,7 +269,16 @@ mod tests {
         let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (3, 5, 4, 6), &dev)? + 0.7)?)?;
         let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 5, &dev)?)?;
         let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 5, &dev)?)?;
-        let got = batch_norm_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)?;
+        let (got, stats) = batch_norm_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)?;
+        let mean = x
+            .as_tensor()
+            .mean_keepdim(0)?
+            .mean_keepdim(2)?
+            .mean_keepdim(3)?;
+        let mean = mean.flatten_all()?.to_vec1::<f32>()?;
+        for (s, m) in stats.iter().zip(&mean) {
+            assert!((s.0 as f32 - m).abs() < 1e-5);
+        }
         let want = batch_norm_train_reference(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)?;
         assert!(max_diff(&got, &want) < 1e-4);
         let probe = Tensor::randn(0f32, 1.0, want.dims(), &dev)?;

@@ -385,29 +385,31 @@ impl candle_core::CustomOp2 for ChannelBias {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let c = bias.elem_count();
-        let grad_c = grad.contiguous()?;
-        let mut db = vec![0f64; c];
-        {
-            let (storage, layout) = grad_c.storage_and_layout();
-            let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-                candle_core::bail!("channel bias: float32 CPU gradients only")
-            };
-            let Some((g0, g1)) = layout.contiguous_offsets() else {
-                candle_core::bail!("channel bias: contiguous gradient expected")
-            };
-            let g = &data[g0..g1];
-            let inner = g.len() / (grad.dim(0)? * c).max(1);
-            for (i, plane) in g.chunks(inner.max(1)).enumerate() {
-                db[i % c] += plane.iter().map(|v| *v as f64).sum::<f64>();
-            }
-        }
-        let db: Vec<f32> = db.into_iter().map(|v| v as f32).collect();
-        Ok((
-            Some(grad.clone()),
-            Some(Tensor::from_vec(db, bias.shape(), bias.device())?),
-        ))
+        let db = channel_sums(grad, bias)?;
+        Ok((Some(grad.clone()), Some(db)))
     }
+}
+
+/// The gradient of a per-channel bias (C) from the gradient `grad` (B, C, ...) of the output it
+/// was added to: `grad` summed per channel over the batch and the spatial positions (in float64),
+/// shaped like `bias`.
+pub(crate) fn channel_sums(grad: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    let c = bias.elem_count();
+    let grad_c = grad.contiguous()?;
+    let mut db = vec![0f64; c];
+    {
+        let (storage, layout) = grad_c.storage_and_layout();
+        let candle_core::Storage::Cpu(s) = &*storage else {
+            candle_core::bail!("channel bias: float32 CPU gradients only")
+        };
+        let g = cpu_f32(s, layout, "channel bias gradient")?;
+        let inner = g.len() / (grad.dim(0)? * c).max(1);
+        for (i, plane) in g.chunks(inner.max(1)).enumerate() {
+            db[i % c] += plane.iter().map(|v| *v as f64).sum::<f64>();
+        }
+    }
+    let db: Vec<f32> = db.into_iter().map(|v| v as f32).collect();
+    Tensor::from_vec(db, bias.shape(), bias.device())
 }
 
 /// The gradient of `sum(grad_out * conv(x, W))` with respect to `W` (O, C, kh, kw), i.e.

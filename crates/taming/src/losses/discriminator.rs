@@ -441,8 +441,8 @@ fn batch_norm(
     if training && disc_kernels::supported(x) {
         // the fused op (same formulas, statistics accumulated in float64)
         let n = (b * h * w) as f64;
-        let xs = x.detach().flatten_all()?.to_vec1::<f32>()?;
-        let stats = disc_kernels::channel_stats(&xs, b, c, h * w);
+        let (y, stats) =
+            disc_kernels::batch_norm_train(x, &weight.reshape(c)?, &bias.reshape(c)?, BN_EPS)?;
         let m: Vec<f32> = stats.iter().map(|s| s.0 as f32).collect();
         let unbiased: Vec<f32> = stats
             .iter()
@@ -454,7 +454,7 @@ fn batch_norm(
         );
         rm.set(&((rm.as_tensor() * (1.0 - BN_MOMENTUM))? + (m * BN_MOMENTUM)?)?)?;
         rv.set(&((rv.as_tensor() * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?)?;
-        return disc_kernels::batch_norm_train(x, &weight.reshape(c)?, &bias.reshape(c)?, BN_EPS);
+        return Ok(y);
     }
     let (mean, var) = if training {
         let n = (b * h * w) as f64;
