@@ -57,6 +57,14 @@ pub fn conv3x3_bias(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
         .apply_op3(&w.contiguous()?, &bias.contiguous()?, Conv3x3Bias)?)
 }
 
+/// The weight gradient of [`conv3x3`] alone: `x` (B, C, H, W) and the output gradient `dy`
+/// (B, O, H, W) give (O, C, 3, 3). Needs [`conv3x3_supported`]; not differentiable.
+pub fn conv3x3_weight_grad(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let o = dy.dim(1)?;
+    Ok(x.contiguous()?
+        .apply_op2_no_bwd(&dy.contiguous()?, &WeightGrad { o })?)
+}
+
 /// The plain version: `x` (B, C, H, W) and `w` (O, C, 3, 3) row-major, returns (B, O, H, W).
 pub fn conv3x3_reference(
     x: &[f32],

@@ -425,6 +425,14 @@ pub fn conv2d_weight_grad(
     let (o, c, kh, kw) = weight_dims;
     let x = x.detach();
     let (b, go, ho, wo) = grad_out.dims4()?;
+    if (kh, kw, stride) == (3, 3, 1)
+        && pad == Padding::same(1)
+        && crate::direct_conv::conv3x3_supported(&x)
+        && x.dims4()? == (b, c, ho, wo)
+        && go == o
+    {
+        return crate::direct_conv::conv3x3_weight_grad(&x, &grad_out.detach()); // (O, C, 3, 3)
+    }
     let (cols, (eh, ew)) = if im2col_supported(&x) {
         im2col(&x, kh, kw, stride, pad)?
     } else {

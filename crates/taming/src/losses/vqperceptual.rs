@@ -223,8 +223,13 @@ impl VqLoss {
                 let cfg = l.conv.config();
                 let wd = l.conv.weight().dims4()?;
                 let pad = Padding::same(cfg.padding);
-                let gw_nll = conv2d_weight_grad(l.input, &g_nll, wd, cfg.stride, pad)?;
-                let gw_g = conv2d_weight_grad(l.input, &g_g, wd, cfg.stride, pad)?;
+                // both gradients in one pass over the layer's input: the two output gradients
+                // side by side as 2 * O output channels
+                let (o, c, kh, kw) = wd;
+                let both = Tensor::cat(&[&g_nll, &g_g], 1)?; // (B, 2 * O, H, W)
+                let gw = conv2d_weight_grad(l.input, &both, (2 * o, c, kh, kw), cfg.stride, pad)?;
+                let gw_nll = gw.narrow(0, 0, o)?; // (O, C, kh, kw)
+                let gw_g = gw.narrow(0, o, o)?;
                 (norm(&gw_nll)? / (norm(&gw_g)? + 1e-4)).clamp(0.0, 1e4) * self.cfg.disc_weight
             }
             None => 0.0,
