@@ -9,8 +9,9 @@
 //! each output tile (6 output channels x 64 pixels, 24 AVX-512 accumulators) is summed straight
 //! from the input rows, with masked loads doing the zero padding at the image borders.
 //! The input gradient of such a convolution is the same convolution of the output gradient with
-//! the weights transposed and flipped ([`Conv3x3::flipped`]); the weight gradient stays an
-//! im2col product ([`crate::kernels::conv2d_weight_grad`]).
+//! the weights transposed and flipped ([`Conv3x3::flipped`]); the weight gradient has its own
+//! kernel ([`weight_grad`]). The backward pass skips the gradient of an argument that no variable
+//! feeds (an image, a frozen weight).
 //!
 //! [`conv3x3_reference`] is the plain version; the tests check the kernel against it and
 //! against candle's `conv2d`, forward and backward.
@@ -559,10 +560,19 @@ impl CustomOp2 for Conv3x3 {
         if self.flip {
             candle_core::bail!("conv3x3: the flipped convolution is not differentiated")
         }
+        // only the gradients a variable needs (an image or a frozen weight gets none)
         let grad = grad.contiguous()?;
-        let dx = grad.apply_op2_no_bwd(w, &Conv3x3::flipped())?; // (B, C, H, W)
-        let dw = x.apply_op2_no_bwd(&grad, &WeightGrad { o: w.dim(0)? })?; // (O, C, 3, 3)
-        Ok((Some(dx), Some(dw)))
+        let dx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(w, &Conv3x3::flipped())?) // (B, C, H, W)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(x.apply_op2_no_bwd(&grad, &WeightGrad { o: w.dim(0)? })?) // (O, C, 3, 3)
+        } else {
+            None
+        };
+        Ok((dx, dw))
     }
 }
 
@@ -597,8 +607,12 @@ impl CustomOp3 for Conv3x3Bias {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw) = Conv3x3::plain().bwd(x, w, res, grad)?;
         // the bias gradient: the output gradient summed per channel
-        let db = crate::kernels::channel_sums(grad, bias)?;
-        Ok((dx, dw, Some(db)))
+        let db = if bias.track_op() {
+            Some(crate::kernels::channel_sums(grad, bias)?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
     }
 }
 

@@ -1,17 +1,18 @@
-//! Fast CPU kernels for training: a differentiable 2-D convolution built from an `im2col`
-//! custom op and a matrix product.
+//! Convolution helpers for training and inference on the CPU: zero padding (possibly
+//! asymmetric), the `im2col` geometry shared by [`crate::gemm_conv`], the dispatch of a
+//! convolution to [`crate::direct_conv`] (3x3, stride 1) or [`crate::gemm_conv`] (any other
+//! shape), and per-channel gradient sums.
 //!
 //! candle 0.11's `conv2d` backward always computes the input gradient with `conv_transpose2d`,
-//! whose CPU kernel is a direct loop and dominates a training step. Here a convolution is
-//! `W (O, C*kh*kw) @ im2col(x) (B, C*kh*kw, Ho*Wo)`: the forward and both gradients are then
-//! matrix products (candle's gemm), and the input gradient is `col2im`, a scatter-add that is as
-//! cheap as the gather. Padding may be asymmetric (the reference's `Downsample` pads right and
-//! bottom only). No reference file: `torch.nn.functional.conv2d` is what this computes.
+//! whose CPU kernel is a direct loop and dominates a training step; both kernels here compute
+//! every gradient as a convolution or a matrix product instead. Padding may be asymmetric (the
+//! reference's `Downsample` pads right and bottom only). No reference file:
+//! `torch.nn.functional.conv2d` is what this computes.
 //!
-//! [`conv2d_im2col`] is tested against candle's `conv2d` (forward and both gradients), the plain
-//! reference version it replaces during training.
+//! [`conv2d_im2col`] is tested against candle's `conv2d` (forward and all three gradients), the
+//! plain reference version it replaces.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Tensor};
 
 use crate::Result;
 
@@ -36,23 +37,23 @@ impl Padding {
     }
 }
 
-/// Geometry of one convolution.
+/// Geometry of one convolution: input (b, c, h, w), kernel kh x kw, output (ho, wo).
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    b: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    pad: Padding,
-    ho: usize,
-    wo: usize,
+pub(crate) struct Geometry {
+    pub(crate) b: usize,
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    pub(crate) stride: usize,
+    pub(crate) pad: Padding,
+    pub(crate) ho: usize,
+    pub(crate) wo: usize,
 }
 
 impl Geometry {
-    fn new(
+    pub(crate) fn new(
         dims: &[usize],
         kh: usize,
         kw: usize,
@@ -80,11 +81,13 @@ impl Geometry {
         })
     }
 
-    fn rows(&self) -> usize {
+    /// Rows of the column matrix: C * kh * kw.
+    pub(crate) fn rows(&self) -> usize {
         self.c * self.kh * self.kw
     }
 
-    fn cols(&self) -> usize {
+    /// Columns of the column matrix: Ho * Wo.
+    pub(crate) fn cols(&self) -> usize {
         self.ho * self.wo
     }
 
@@ -96,120 +99,79 @@ impl Geometry {
     }
 }
 
-/// Runs `f(plane_index, plane)` over the `planes` equal chunks of `data` on all threads.
-fn par_planes(data: &mut [f32], plane_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let n_planes = data.len().checked_div(plane_len).unwrap_or(0);
-    let threads = candle_core::utils::get_num_threads().clamp(1, n_planes.max(1));
-    if threads <= 1 || n_planes < 2 {
-        for (i, p) in data.chunks_mut(plane_len.max(1)).enumerate() {
-            f(i, p);
-        }
-        return;
-    }
-    let per = n_planes.div_ceil(threads);
-    std::thread::scope(|s| {
-        for (t, chunk) in data.chunks_mut(per * plane_len).enumerate() {
-            let f = &f;
-            s.spawn(move || {
-                for (j, p) in chunk.chunks_mut(plane_len).enumerate() {
-                    f(t * per + j, p);
-                }
-            });
-        }
-    });
-}
-
-/// `im2col`: (B, C, H, W) -> (B, C*kh*kw, Ho*Wo); row `(c*kh + i)*kw + j` holds the input pixels
-/// that kernel tap (i, j) of channel c sees at every output position (zeros in the padding).
-#[derive(Debug, Clone, Copy)]
-struct Im2Col {
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    pad: Padding,
-}
-
-impl Im2Col {
-    fn gather(&self, x: &[f32], g: &Geometry) -> Vec<f32> {
-        let (rows, cols) = (g.rows(), g.cols());
-        let mut out = vec![0f32; g.b * rows * cols];
-        // one plane = the kh*kw rows of one (batch, channel)
-        let plane = g.kh * g.kw * cols;
-        par_planes(&mut out, plane, |bc, dst| {
-            let src = &x[bc * g.h * g.w..(bc + 1) * g.h * g.w];
-            for i in 0..g.kh {
-                for j in 0..g.kw {
-                    let row = &mut dst[(i * g.kw + j) * cols..(i * g.kw + j + 1) * cols];
-                    for oy in 0..g.ho {
-                        let Some(iy) = Geometry::source(oy, i, g.stride, g.pad.top, g.h) else {
-                            continue;
-                        };
-                        let src_row = &src[iy * g.w..(iy + 1) * g.w];
-                        let dst_row = &mut row[oy * g.wo..(oy + 1) * g.wo];
-                        if g.stride == 1 {
-                            // contiguous run: output columns whose source column is inside
-                            let lo = g.pad.left.saturating_sub(j);
-                            let hi = (g.w + g.pad.left).saturating_sub(j).min(g.wo);
-                            if lo < hi {
-                                let s0 = lo + j - g.pad.left;
-                                dst_row[lo..hi].copy_from_slice(&src_row[s0..s0 + (hi - lo)]);
-                            }
-                        } else {
-                            for (ox, d) in dst_row.iter_mut().enumerate() {
-                                if let Some(ix) = Geometry::source(ox, j, g.stride, g.pad.left, g.w)
-                                {
-                                    *d = src_row[ix];
-                                }
+impl Geometry {
+    /// `im2col` of one channel plane `src` (h, w) into `dst` (kh * kw, Ho * Wo): row `i * kw + j`
+    /// holds the pixels that kernel tap (i, j) sees at every output position. Entries that fall
+    /// in the padding are not written (a zeroed `dst` keeps them zero).
+    pub(crate) fn gather_plane(&self, src: &[f32], dst: &mut [f32]) {
+        let cols = self.cols();
+        for i in 0..self.kh {
+            for j in 0..self.kw {
+                let row = &mut dst[(i * self.kw + j) * cols..(i * self.kw + j + 1) * cols];
+                for oy in 0..self.ho {
+                    let Some(iy) = Self::source(oy, i, self.stride, self.pad.top, self.h) else {
+                        continue;
+                    };
+                    let src_row = &src[iy * self.w..(iy + 1) * self.w];
+                    let dst_row = &mut row[oy * self.wo..(oy + 1) * self.wo];
+                    if self.stride == 1 {
+                        // contiguous run: output columns whose source column is inside
+                        let lo = self.pad.left.saturating_sub(j);
+                        let hi = (self.w + self.pad.left).saturating_sub(j).min(self.wo);
+                        if lo < hi {
+                            let s0 = lo + j - self.pad.left;
+                            dst_row[lo..hi].copy_from_slice(&src_row[s0..s0 + (hi - lo)]);
+                        }
+                    } else {
+                        for (ox, d) in dst_row.iter_mut().enumerate() {
+                            if let Some(ix) =
+                                Self::source(ox, j, self.stride, self.pad.left, self.w)
+                            {
+                                *d = src_row[ix];
                             }
                         }
                     }
                 }
             }
-        });
-        out
+        }
     }
 
-    /// `col2im`: the adjoint of [`Im2Col::gather`], (B, C*kh*kw, Ho*Wo) -> (B, C, H, W) summing
-    /// every column entry into the pixel it came from.
-    fn scatter(&self, cols_data: &[f32], g: &Geometry) -> Vec<f32> {
-        let cols = g.cols();
-        let mut out = vec![0f32; g.b * g.c * g.h * g.w];
-        let plane_in = g.kh * g.kw * cols;
-        par_planes(&mut out, g.h * g.w, |bc, dst| {
-            let src = &cols_data[bc * plane_in..(bc + 1) * plane_in];
-            for i in 0..g.kh {
-                for j in 0..g.kw {
-                    let row = &src[(i * g.kw + j) * cols..(i * g.kw + j + 1) * cols];
-                    for oy in 0..g.ho {
-                        let Some(iy) = Geometry::source(oy, i, g.stride, g.pad.top, g.h) else {
-                            continue;
-                        };
-                        let dst_row = &mut dst[iy * g.w..(iy + 1) * g.w];
-                        let src_row = &row[oy * g.wo..(oy + 1) * g.wo];
-                        if g.stride == 1 {
-                            let lo = g.pad.left.saturating_sub(j);
-                            let hi = (g.w + g.pad.left).saturating_sub(j).min(g.wo);
-                            if lo < hi {
-                                let s0 = lo + j - g.pad.left;
-                                for (d, s) in
-                                    dst_row[s0..s0 + (hi - lo)].iter_mut().zip(&src_row[lo..hi])
-                                {
-                                    *d += *s;
-                                }
+    /// `col2im` of one channel: the adjoint of [`Geometry::gather_plane`], adding every entry
+    /// of `src` (kh * kw, Ho * Wo) into the pixel of `dst` (h, w) it came from.
+    pub(crate) fn scatter_plane(&self, src: &[f32], dst: &mut [f32]) {
+        let cols = self.cols();
+        for i in 0..self.kh {
+            for j in 0..self.kw {
+                let row = &src[(i * self.kw + j) * cols..(i * self.kw + j + 1) * cols];
+                for oy in 0..self.ho {
+                    let Some(iy) = Self::source(oy, i, self.stride, self.pad.top, self.h) else {
+                        continue;
+                    };
+                    let dst_row = &mut dst[iy * self.w..(iy + 1) * self.w];
+                    let src_row = &row[oy * self.wo..(oy + 1) * self.wo];
+                    if self.stride == 1 {
+                        let lo = self.pad.left.saturating_sub(j);
+                        let hi = (self.w + self.pad.left).saturating_sub(j).min(self.wo);
+                        if lo < hi {
+                            let s0 = lo + j - self.pad.left;
+                            for (d, s) in
+                                dst_row[s0..s0 + (hi - lo)].iter_mut().zip(&src_row[lo..hi])
+                            {
+                                *d += *s;
                             }
-                        } else {
-                            for (ox, s) in src_row.iter().enumerate() {
-                                if let Some(ix) = Geometry::source(ox, j, g.stride, g.pad.left, g.w)
-                                {
-                                    dst_row[ix] += *s;
-                                }
+                        }
+                    } else {
+                        for (ox, s) in src_row.iter().enumerate() {
+                            if let Some(ix) =
+                                Self::source(ox, j, self.stride, self.pad.left, self.w)
+                            {
+                                dst_row[ix] += *s;
                             }
                         }
                     }
                 }
             }
-        });
-        out
+        }
     }
 }
 
@@ -229,73 +191,16 @@ pub(crate) fn cpu_f32<'a>(
     Ok(&d[a..b])
 }
 
-fn f32_data(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
-}
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(layout.dims(), self.kh, self.kw, self.stride, self.pad)?;
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("im2col: only float32 is supported (training runs in float32)")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("im2col: input must be contiguous")
-        };
-        let out = self.gather(&data[start..end], &g);
-        Ok((CpuStorage::F32(out), Shape::from((g.b, g.rows(), g.cols()))))
-    }
-
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let g = Geometry::new(arg.dims(), self.kh, self.kw, self.stride, self.pad)?;
-        let grad = f32_data(grad_res)?;
-        let dx = self.scatter(&grad, &g);
-        Ok(Some(
-            Tensor::from_vec(dx, (g.b, g.c, g.h, g.w), arg.device())?.to_dtype(arg.dtype())?,
-        ))
-    }
-}
-
-/// `im2col` of `x` (B, C, H, W) for a kh x kw kernel: (B, C*kh*kw, Ho*Wo) and (Ho, Wo),
-/// differentiable (its backward is `col2im`). CPU and float32 only.
-pub fn im2col(
-    x: &Tensor,
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    pad: Padding,
-) -> Result<(Tensor, (usize, usize))> {
-    let g = Geometry::new(x.dims(), kh, kw, stride, pad)?;
-    let cols = x.contiguous()?.apply_op1(Im2Col {
-        kh,
-        kw,
-        stride,
-        pad,
-    })?; // (B, C*kh*kw, Ho*Wo)
-    Ok((cols, (g.ho, g.wo)))
-}
-
 /// Whether [`conv2d_im2col`] can run on `x` (CPU, float32).
 pub fn im2col_supported(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// A convolution `x (B, C, H, W) * weight (O, C, kh, kw) + bias (O)` with zero padding `pad` and
-/// `stride`, computed as `weight (O, K) @ im2col(x) (B, K, Ho*Wo)`: (B, O, Ho, Wo).
-/// Differentiable in `x`, `weight` and `bias`; a 1x1 stride-1 unpadded convolution skips im2col.
+/// `stride`: (B, O, Ho, Wo), differentiable in `x`, `weight` and `bias` (only those a variable
+/// feeds are differentiated). 3x3 stride-1 convolutions with padding 1 run
+/// [`crate::direct_conv`] where the CPU has AVX-512, any other shape [`crate::gemm_conv`]
+/// (`weight (O, K) @ im2col(x_b) (K, Ho*Wo)` image by image). CPU and float32 only.
 pub fn conv2d_im2col(
     x: &Tensor,
     weight: &Tensor,
@@ -303,8 +208,8 @@ pub fn conv2d_im2col(
     stride: usize,
     pad: Padding,
 ) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let (o, cw, kh, kw) = weight.dims4()?;
+    let c = x.dim(1)?;
+    let (_, cw, kh, kw) = weight.dims4()?;
     if cw != c {
         return Err(crate::Error::invalid(format!(
             "convolution of a {c}-channel input with a weight of shape {:?}",
@@ -320,74 +225,7 @@ pub fn conv2d_im2col(
             None => crate::direct_conv::conv3x3(x, weight),
         };
     }
-    let pointwise = kh == 1 && kw == 1 && stride == 1 && pad == Padding::same(0);
-    let (cols, (ho, wo)) = if pointwise {
-        (x.reshape((b, c, h * w))?, (h, w)) // (B, C, HW)
-    } else {
-        im2col(x, kh, kw, stride, pad)? // (B, C*kh*kw, Ho*Wo)
-    };
-    let wm = weight.reshape((o, c * kh * kw))?; // (O, K)
-    let y = wm.broadcast_matmul(&cols)?; // (B, O, Ho*Wo)
-    let y = y.reshape((b, o, ho, wo))?; // (B, O, Ho, Wo)
-    Ok(match bias {
-        Some(bias) => y.apply_op2(bias, ChannelBias)?,
-        None => y,
-    })
-}
-
-/// `y (B, C, ...) + bias (C)` broadcast over the batch and the spatial positions, with a backward
-/// pass that sums the bias gradient per channel over contiguous runs. candle's
-/// `broadcast_add` computes the same, but its backward reduces over dims (0, 2, 3) with a generic
-/// single-threaded strided loop that took about a tenth of a VQGAN training step.
-#[derive(Debug, Clone, Copy)]
-struct ChannelBias;
-
-impl candle_core::CustomOp2 for ChannelBias {
-    fn name(&self) -> &'static str {
-        "channel-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(y), CpuStorage::F32(b)) = (s1, s2) else {
-            candle_core::bail!("channel bias: float32 only")
-        };
-        let (Some((y0, y1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("channel bias: contiguous tensors only")
-        };
-        let dims = l1.dims();
-        let (y, b) = (&y[y0..y1], &b[b0..b1]);
-        if dims.len() < 2 || dims[1] != b.len() {
-            candle_core::bail!(
-                "channel bias: {} biases for a tensor of shape {dims:?}",
-                b.len()
-            )
-        }
-        let inner: usize = dims[2..].iter().product();
-        let mut out = y.to_vec();
-        for (i, plane) in out.chunks_mut(inner.max(1)).enumerate() {
-            let v = b[i % b.len()];
-            plane.iter_mut().for_each(|p| *p += v);
-        }
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _y: &Tensor,
-        bias: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let db = channel_sums(grad, bias)?;
-        Ok((Some(grad.clone()), Some(db)))
-    }
+    crate::gemm_conv::conv2d(x, weight, bias, stride, pad) // (B, O, Ho, Wo)
 }
 
 /// The gradient of a per-channel bias (C) from the gradient `grad` (B, C, ...) of the output it
@@ -433,22 +271,13 @@ pub fn conv2d_weight_grad(
     {
         return crate::direct_conv::conv3x3_weight_grad(&x, &grad_out.detach()); // (O, C, 3, 3)
     }
-    let (cols, (eh, ew)) = if im2col_supported(&x) {
-        im2col(&x, kh, kw, stride, pad)?
-    } else {
+    if !im2col_supported(&x) {
         return Err(crate::Error::invalid(
             "conv2d_weight_grad runs on CPU float32 tensors",
         ));
-    };
-    if go != o || (eh, ew) != (ho, wo) {
-        return Err(crate::Error::invalid(format!(
-            "gradient of shape {:?} does not match a convolution with output ({o}, {eh}, {ew})",
-            grad_out.dims()
-        )));
     }
-    let g = grad_out.detach().reshape((b, o, ho * wo))?; // (B, O, L)
-    let gw = g.matmul(&cols.transpose(1, 2)?)?.sum(0)?; // (O, K)
-    Ok(gw.reshape((o, c, kh, kw))?)
+    crate::gemm_conv::weight_grad(&x, &grad_out.detach(), weight_dims, stride, pad)
+    // (O, C, kh, kw)
 }
 
 #[cfg(test)]
@@ -461,18 +290,24 @@ mod tests {
     }
 
     /// Forward and all three gradients against candle's own conv2d (the reference version), for
-    /// symmetric padding, stride 2, no padding, and a 1x1 kernel.
+    /// symmetric padding, stride 2, no padding, and a 1x1 kernel; one image (products on all
+    /// threads) and three (images in parallel).
     #[test]
     fn matches_candle_conv2d_forward_and_backward() -> anyhow::Result<()> {
         let dev = Device::Cpu;
-        for &(c, o, k, stride, p, h, w) in &[
-            (3usize, 5usize, 3usize, 1usize, 1usize, 9usize, 7usize),
-            (4, 6, 3, 2, 0, 9, 9),
-            (4, 6, 4, 2, 1, 8, 10),
-            (6, 3, 1, 1, 0, 5, 4),
-            (2, 3, 4, 1, 1, 6, 6),
+        for &(bs, c, o, k, stride, p, h, w) in &[
+            (
+                2usize, 3usize, 5usize, 3usize, 1usize, 1usize, 9usize, 7usize,
+            ),
+            (2, 4, 6, 3, 2, 0, 9, 9),
+            (1, 4, 6, 3, 2, 0, 9, 9),
+            (3, 4, 6, 4, 2, 1, 8, 10),
+            (1, 4, 6, 4, 2, 1, 8, 10),
+            (2, 6, 3, 1, 1, 0, 5, 4),
+            (1, 6, 3, 1, 1, 0, 5, 4),
+            (3, 2, 3, 4, 1, 1, 6, 6),
         ] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, c, h, w), &dev)?)?;
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (bs, c, h, w), &dev)?)?;
             let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, c, k, k), &dev)?)?;
             let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, o, &dev)?)?;
             let want = x
@@ -499,7 +334,7 @@ mod tests {
                 let b = gg.get(v.as_tensor()).unwrap();
                 assert!(
                     max_diff(a, b) < 1e-3,
-                    "grad {name} for k={k} s={stride} p={p}: {}",
+                    "grad {name} for b={bs} k={k} s={stride} p={p}: {}",
                     max_diff(a, b)
                 );
             }
@@ -512,6 +347,38 @@ mod tests {
                 Padding::same(p),
             )?;
             assert!(max_diff(&gonly, gw.get(wt.as_tensor()).unwrap()) < 1e-3);
+        }
+        Ok(())
+    }
+
+    /// Only the gradients a variable needs are computed: a detached weight (a frozen network)
+    /// and an input that no variable feeds (an image) get none, the others the same as before.
+    #[test]
+    fn differentiates_only_tracked_arguments() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        for &(k, stride, p) in &[(4usize, 2usize, 1usize), (1, 1, 0), (3, 1, 1)] {
+            let image = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &dev)?;
+            let x = Var::from_tensor(&image)?;
+            let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (4, 3, k, k), &dev)?)?;
+            let probe = Tensor::randn(0f32, 1.0, (2, 4, 8 / stride, 8 / stride), &dev)?;
+            let pad = Padding::same(p);
+            let both = (conv2d_im2col(x.as_tensor(), wt.as_tensor(), None, stride, pad)? * &probe)?
+                .sum_all()?
+                .backward()?;
+            let frozen =
+                (conv2d_im2col(x.as_tensor(), &wt.as_tensor().detach(), None, stride, pad)?
+                    * &probe)?
+                    .sum_all()?
+                    .backward()?;
+            assert!(frozen.get(wt.as_tensor()).is_none(), "k={k}");
+            let dx = frozen.get(x.as_tensor()).expect("input gradient");
+            assert!(max_diff(dx, both.get(x.as_tensor()).unwrap()) < 1e-5);
+            let from_image = (conv2d_im2col(&image, wt.as_tensor(), None, stride, pad)? * &probe)?
+                .sum_all()?
+                .backward()?;
+            assert!(from_image.get(&image).is_none(), "k={k}");
+            let dw = from_image.get(wt.as_tensor()).expect("weight gradient");
+            assert!(max_diff(dw, both.get(wt.as_tensor()).unwrap()) < 1e-5);
         }
         Ok(())
     }

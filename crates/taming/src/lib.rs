@@ -27,6 +27,7 @@ pub mod disc_kernels;
 pub mod error;
 pub mod first_stage;
 pub mod gelu;
+pub mod gemm_conv;
 pub mod group_norm;
 pub mod image_io;
 pub mod kernels;

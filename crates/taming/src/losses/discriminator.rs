@@ -372,6 +372,19 @@ impl NLayerDiscriminator {
 
     /// Patch logits (B, 1, h, w) of images (B, C, H, W).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, false)
+    }
+
+    /// [`NLayerDiscriminator::forward`] with the weights held fixed: a backward pass from these
+    /// logits reaches the input only. The generator's loss needs no gradient of the
+    /// discriminator's weights (the reference computes them there and throws them away).
+    /// BatchNorm still runs on batch statistics and updates its running ones in training mode.
+    pub fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, true)
+    }
+
+    fn run(&self, x: &Tensor, frozen: bool) -> Result<Tensor> {
+        let fix = |t: &Tensor| if frozen { t.detach() } else { t.clone() };
         let training = self.training.load(Ordering::SeqCst);
         let mut h = x.clone();
         let mut any_bn = false;
@@ -382,6 +395,7 @@ impl NLayerDiscriminator {
                     bias,
                     stride,
                 } => {
+                    let (weight, bias) = (&fix(weight), &bias.as_ref().map(fix));
                     if im2col_supported(&h) {
                         conv2d_im2col(&h, weight, bias.as_ref(), *stride, Padding::same(1))?
                     // (B, C', H', W')
@@ -400,6 +414,7 @@ impl NLayerDiscriminator {
                     running_var,
                 } => {
                     any_bn = true;
+                    let (weight, bias) = (&fix(weight), &fix(bias));
                     batch_norm(&h, weight, bias, running_mean, running_var, training)?
                 }
                 Layer::ActNorm {
@@ -411,8 +426,8 @@ impl NLayerDiscriminator {
                         actnorm_init(&h, loc, scale)?;
                         initialized.store(true, Ordering::SeqCst);
                     }
-                    h.broadcast_add(loc.as_tensor())?
-                        .broadcast_mul(scale.as_tensor())?
+                    h.broadcast_add(&fix(loc.as_tensor()))?
+                        .broadcast_mul(&fix(scale.as_tensor()))?
                 }
                 Layer::LeakyRelu if disc_kernels::supported(&h) => {
                     disc_kernels::leaky_relu(&h, 0.2)?

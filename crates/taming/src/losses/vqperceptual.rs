@@ -212,7 +212,7 @@ impl VqLoss {
             .backward()?
             .remove(xr.as_tensor())
             .unwrap_or(xr.as_tensor().zeros_like()?); // (B, C, H, W)
-        let logits_fake = self.disc.forward(xr.as_tensor())?; // (B, 1, h, w)
+        let logits_fake = self.disc.forward_frozen(xr.as_tensor())?; // (B, 1, h, w)
         let g_loss = logits_fake.mean_all()?.neg()?;
         let g_g = g_loss
             .backward()?
