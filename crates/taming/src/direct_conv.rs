@@ -361,12 +361,20 @@ pub fn weight_grad(
         return dw;
     }
     // bands whose output-gradient rows (WB channels) stay in the L1 cache across the input
-    // channels and kernel rows that read them
+    // channels and kernel rows that read them; a small plane is one band, and then a band
+    // holds several images, so that the accumulators stay in registers across them
     let band = (WGRAD_BAND_BYTES / (4 * WB * w)).clamp(1, h);
     let bands = bands(h, w, band);
+    let images = if bands.len() == 1 {
+        (WGRAD_BAND_BYTES / (4 * WB * hw)).clamp(1, b)
+    } else {
+        1
+    };
     let blocks = o.div_ceil(WB);
     let threads = rayon::current_num_threads();
-    let groups = (4 * threads).div_ceil(blocks).clamp(1, c);
+    // enough tasks that threads finish together (11 tasks on 2 threads would leave one idle
+    // for a twelfth of the time)
+    let groups = (8 * threads).div_ceil(blocks).clamp(1, c);
     let per_group = c.div_ceil(groups);
     let out = Out(dw.as_mut_ptr());
     (0..blocks * groups).into_par_iter().for_each(|task| {
@@ -378,20 +386,26 @@ pub fn weight_grad(
         let planes = (o - blk * WB).min(WB);
         // accumulators between bands: per (channel, kernel row), WB x 3 vectors of 16 lanes
         let mut acc = vec![0f32; (c1 - c0) * 3 * WB * 3 * LANES];
-        for bi in 0..b {
-            let dyb = &dy[(bi * o + blk * WB) * hw..(bi * o + blk * WB + planes) * hw];
+        let mut pairs: Vec<(&[f32], &[f32])> = Vec::with_capacity(images);
+        for i0 in (0..b).step_by(images) {
             for tiles in &bands {
                 for ci in c0..c1 {
-                    let xc = &x[(bi * c + ci) * hw..(bi * c + ci + 1) * hw];
+                    pairs.clear();
+                    pairs.extend((i0..(i0 + images).min(b)).map(|bi| {
+                        (
+                            &x[(bi * c + ci) * hw..(bi * c + ci + 1) * hw],
+                            &dy[(bi * o + blk * WB) * hw..(bi * o + blk * WB + planes) * hw],
+                        )
+                    }));
                     for ky in 0..3 {
                         let at = ((ci - c0) * 3 + ky) * WB * 3 * LANES;
                         let a = &mut acc[at..at + WB * 3 * LANES];
                         // SAFETY: `conv3x3_supported` checked AVX-512F before any op ran; the
-                        // kernel reads `xc` and `dyb` only at lanes its masks keep (inside the
-                        // planes) and `planes` planes of `dyb`, and writes only `a`.
+                        // kernel reads each image's `xc` plane and `planes` planes of its `dy`
+                        // only at lanes its masks keep (inside the planes), and writes only `a`.
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
-                            wgrad_row_avx512(xc, dyb, hw, planes, ky, tiles, a)
+                            wgrad_row_avx512(&pairs, hw, planes, ky, tiles, a)
                         };
                     }
                 }
@@ -415,13 +429,13 @@ pub fn weight_grad(
     dw
 }
 
-/// Adds the products of one kernel row `ky` over the spans of `tiles` into `acc`
-/// ([`WB`] x 3 taps x 16 lanes).
+/// Adds the products of one kernel row `ky` over the spans of `tiles` of each image (its input
+/// plane and its [`WB`]-channel block of output-gradient planes) into `acc` ([`WB`] x 3 taps x
+/// 16 lanes).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn wgrad_row_avx512(
-    xc: &[f32],
-    dy: &[f32],
+    images: &[(&[f32], &[f32])],
     hw: usize,
     planes: usize,
     ky: usize,
@@ -435,23 +449,26 @@ unsafe fn wgrad_row_avx512(
             *v = _mm512_loadu_ps(acc.as_ptr().add((o * 3 + kx) * LANES));
         }
     }
-    let xp = xc.as_ptr();
-    // past the last plane a block reads the last plane again (its sums are never stored), so
-    // that all WB registers load from memory the block has, without per-plane masks
-    let dyp: [*const f32; WB] = std::array::from_fn(|o| dy.as_ptr().add(o.min(planes - 1) * hw));
-    for (tp, tile) in tiles {
-        for (v, s) in tile.iter().enumerate() {
-            let g: [__m512; WB] = if s.lanes == u16::MAX {
-                std::array::from_fn(|o| _mm512_loadu_ps(dyp[o].add(s.start)))
-            } else {
-                std::array::from_fn(|o| _mm512_maskz_loadu_ps(s.lanes, dyp[o].add(s.start)))
-            };
-            for kx in 0..3 {
-                let (off, m) = tp[ky * 3 + kx][v];
-                // masked-off lanes are not read (AVX-512 suppresses their faults)
-                let xv = _mm512_maskz_loadu_ps(m, xp.wrapping_offset(off));
-                for (row, gv) in a.iter_mut().zip(&g) {
-                    row[kx] = _mm512_fmadd_ps(*gv, xv, row[kx]);
+    for (xc, dy) in images {
+        let xp = xc.as_ptr();
+        // past the last plane a block reads the last plane again (its sums are never stored),
+        // so that all WB registers load from memory the block has, without per-plane masks
+        let dyp: [*const f32; WB] =
+            std::array::from_fn(|o| dy.as_ptr().add(o.min(planes - 1) * hw));
+        for (tp, tile) in tiles {
+            for (v, s) in tile.iter().enumerate() {
+                let g: [__m512; WB] = if s.lanes == u16::MAX {
+                    std::array::from_fn(|o| _mm512_loadu_ps(dyp[o].add(s.start)))
+                } else {
+                    std::array::from_fn(|o| _mm512_maskz_loadu_ps(s.lanes, dyp[o].add(s.start)))
+                };
+                for kx in 0..3 {
+                    let (off, m) = tp[ky * 3 + kx][v];
+                    // masked-off lanes are not read (AVX-512 suppresses their faults)
+                    let xv = _mm512_maskz_loadu_ps(m, xp.wrapping_offset(off));
+                    for (row, gv) in a.iter_mut().zip(&g) {
+                        row[kx] = _mm512_fmadd_ps(*gv, xv, row[kx]);
+                    }
                 }
             }
         }
@@ -681,6 +698,8 @@ mod tests {
             (2, 16, 7, 8, 8),
             // 168 KB input rows: bands of 4 rows (the second one short) and two channel groups
             (1, 70, 7, 6, 600),
+            // weight gradient: 16 images per band, the last band holding one
+            (17, 2, 3, 8, 8),
         ] {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?)?;
             let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, c, 3, 3), &dev)?)?;
