@@ -280,7 +280,11 @@ impl Upsample {
     /// x: (B, C, H, W) -> (B, C, 2H, 2W).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        let x = x.upsample_nearest2d(2 * h, 2 * w)?; // (B, C, 2H, 2W)
+        let x = if im2col_supported(x) {
+            crate::kernels::upsample_nearest2x(x)? // (B, C, 2H, 2W)
+        } else {
+            x.upsample_nearest2d(2 * h, 2 * w)?
+        };
         match &self.conv {
             Some(c) => conv(c, &x),
             None => Ok(x),
