@@ -29,7 +29,7 @@ struct GroupNormOp {
 /// Sum of `f(v)` over `xs` in float64, in 8 independent partial sums (so that the loop
 /// vectorises; a single running sum would wait on each addition).
 #[inline(always)]
-fn sum8(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+pub(crate) fn sum8(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     let mut lanes = [0f64; 8];
     let chunks = xs.chunks_exact(8);
     let tail: f64 = chunks.remainder().iter().map(|v| f(*v)).sum();

@@ -300,19 +300,25 @@ impl candle_core::CustomOp1 for Upsample2x {
 pub(crate) fn channel_sums(grad: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
     let c = bias.elem_count();
     let grad_c = grad.contiguous()?;
-    let mut db = vec![0f64; c];
-    {
-        let (storage, layout) = grad_c.storage_and_layout();
-        let candle_core::Storage::Cpu(s) = &*storage else {
-            candle_core::bail!("channel bias: float32 CPU gradients only")
-        };
-        let g = cpu_f32(s, layout, "channel bias gradient")?;
-        let inner = g.len() / (grad.dim(0)? * c).max(1);
-        for (i, plane) in g.chunks(inner.max(1)).enumerate() {
-            db[i % c] += plane.iter().map(|v| *v as f64).sum::<f64>();
-        }
-    }
-    let db: Vec<f32> = db.into_iter().map(|v| v as f32).collect();
+    let (storage, layout) = grad_c.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*storage else {
+        candle_core::bail!("channel bias: float32 CPU gradients only")
+    };
+    let g = cpu_f32(s, layout, "channel bias gradient")?;
+    let b = grad.dim(0)?;
+    let inner = g.len() / (b * c).max(1);
+    // one task per channel, each summing its plane of every image
+    let db: Vec<f32> = (0..c)
+        .into_par_iter()
+        .map(|ci| {
+            (0..b)
+                .map(|bi| {
+                    let at = (bi * c + ci) * inner;
+                    crate::group_norm::sum8(&g[at..at + inner], |v| v as f64)
+                })
+                .sum::<f64>() as f32
+        })
+        .collect();
     Tensor::from_vec(db, bias.shape(), bias.device())
 }
 
