@@ -127,25 +127,29 @@ fn pack(w: &[f32], wo: usize, wc: usize, flip: bool) -> (Vec<f32>, usize, usize)
     let (cin, cout) = if flip { (wo, wc) } else { (wc, wo) };
     let blocks = cout.div_ceil(OB);
     let mut p = vec![0f32; blocks * cin * 9 * OB];
-    for blk in 0..blocks {
-        for ci in 0..cin {
-            for tap in 0..9 {
-                for ob in 0..OB {
-                    let co = blk * OB + ob;
-                    if co >= cout {
-                        continue;
+    // one task per block of output channels (the weights of a 128-channel layer are as large as
+    // its 8x8 activations, and arrive cold from memory)
+    p.par_chunks_mut((cin * 9 * OB).max(1))
+        .enumerate()
+        .for_each(|(blk, pb)| {
+            for ci in 0..cin {
+                for tap in 0..9 {
+                    for ob in 0..OB {
+                        let co = blk * OB + ob;
+                        if co >= cout {
+                            continue;
+                        }
+                        let v = if flip {
+                            // w[ci][co][2-ky][2-kx] of the (O = cin, C = cout) weight
+                            w[(ci * wc + co) * 9 + 8 - tap]
+                        } else {
+                            w[(co * wc + ci) * 9 + tap]
+                        };
+                        pb[(ci * 9 + tap) * OB + ob] = v;
                     }
-                    let v = if flip {
-                        // w[ci][co][2-ky][2-kx] of the (O = cin, C = cout) weight
-                        w[(ci * wc + co) * 9 + 8 - tap]
-                    } else {
-                        w[(co * wc + ci) * 9 + tap]
-                    };
-                    p[((blk * cin + ci) * 9 + tap) * OB + ob] = v;
                 }
             }
-        }
-    }
+        });
     (p, cin, cout)
 }
 
