@@ -115,21 +115,20 @@ impl Geometry {
                     };
                     let src_row = &src[iy * self.w..(iy + 1) * self.w];
                     let dst_row = &mut row[oy * self.wo..(oy + 1) * self.wo];
+                    let (lo, hi) = self.inside(j);
+                    if lo >= hi {
+                        continue;
+                    }
+                    let s0 = lo * self.stride + j - self.pad.left;
                     if self.stride == 1 {
                         // contiguous run: output columns whose source column is inside
-                        let lo = self.pad.left.saturating_sub(j);
-                        let hi = (self.w + self.pad.left).saturating_sub(j).min(self.wo);
-                        if lo < hi {
-                            let s0 = lo + j - self.pad.left;
-                            dst_row[lo..hi].copy_from_slice(&src_row[s0..s0 + (hi - lo)]);
-                        }
+                        dst_row[lo..hi].copy_from_slice(&src_row[s0..s0 + (hi - lo)]);
                     } else {
-                        for (ox, d) in dst_row.iter_mut().enumerate() {
-                            if let Some(ix) =
-                                Self::source(ox, j, self.stride, self.pad.left, self.w)
-                            {
-                                *d = src_row[ix];
-                            }
+                        for (d, v) in dst_row[lo..hi]
+                            .iter_mut()
+                            .zip(src_row[s0..].iter().step_by(self.stride))
+                        {
+                            *d = *v;
                         }
                     }
                 }
@@ -150,29 +149,32 @@ impl Geometry {
                     };
                     let dst_row = &mut dst[iy * self.w..(iy + 1) * self.w];
                     let src_row = &row[oy * self.wo..(oy + 1) * self.wo];
-                    if self.stride == 1 {
-                        let lo = self.pad.left.saturating_sub(j);
-                        let hi = (self.w + self.pad.left).saturating_sub(j).min(self.wo);
-                        if lo < hi {
-                            let s0 = lo + j - self.pad.left;
-                            for (d, s) in
-                                dst_row[s0..s0 + (hi - lo)].iter_mut().zip(&src_row[lo..hi])
-                            {
-                                *d += *s;
-                            }
-                        }
-                    } else {
-                        for (ox, s) in src_row.iter().enumerate() {
-                            if let Some(ix) =
-                                Self::source(ox, j, self.stride, self.pad.left, self.w)
-                            {
-                                dst_row[ix] += *s;
-                            }
-                        }
+                    let (lo, hi) = self.inside(j);
+                    if lo >= hi {
+                        continue;
+                    }
+                    let s0 = lo * self.stride + j - self.pad.left;
+                    for (d, v) in dst_row[s0..]
+                        .iter_mut()
+                        .step_by(self.stride)
+                        .zip(&src_row[lo..hi])
+                    {
+                        *d += *v;
                     }
                 }
             }
         }
+    }
+
+    /// The output columns `lo..hi` whose source column `ox * stride + j - pad.left` for kernel
+    /// column `j` lies inside the input (the others read the padding).
+    fn inside(&self, j: usize) -> (usize, usize) {
+        let lo = self.pad.left.saturating_sub(j).div_ceil(self.stride);
+        let hi = (self.w + self.pad.left)
+            .saturating_sub(j)
+            .div_ceil(self.stride)
+            .min(self.wo);
+        (lo, hi)
     }
 }
 
