@@ -70,10 +70,25 @@ fn pin_thread_count() {
     }
 }
 
+/// Training runs candle's element-wise ops on the calling thread (`CANDLE_NUM_THREADS=1` unless
+/// set). candle 0.11 runs them on a pool of its own whose threads spin for up to 25,000 rounds
+/// after each op, on the cores where the rayon pool runs the convolutions; a training step holds
+/// hundreds of such ops (the gradient sums of backprop). Measured on 2 cores, VQGAN training step,
+/// 5 alternating runs: median 0.636 -> 0.607 s, spread 0.63-0.72 -> 0.58-0.62 s. Sampling and
+/// first-stage inference were 2-6 % slower with it, so they keep candle's pool. Runs before any
+/// thread exists.
+fn single_thread_elementwise_for_training(cmd: &Cmd) {
+    let training = matches!(cmd, Cmd::Train(_) | Cmd::Bench(bench::BenchCmd::Train(_)));
+    if training && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 fn main() -> std::process::ExitCode {
     pin_thread_count();
     taming::tune_allocator();
     let cli = Cli::parse();
+    single_thread_elementwise_for_training(&cli.cmd);
     let level = match cli.verbose {
         0 => "info",
         1 => "debug",
