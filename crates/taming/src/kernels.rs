@@ -109,17 +109,17 @@ impl Geometry {
         for i in 0..self.kh {
             for j in 0..self.kw {
                 let row = &mut dst[(i * self.kw + j) * cols..(i * self.kw + j + 1) * cols];
+                let (lo, hi) = self.inside(j);
+                if lo >= hi {
+                    continue;
+                }
+                let s0 = lo * self.stride + j - self.pad.left;
                 for oy in 0..self.ho {
                     let Some(iy) = Self::source(oy, i, self.stride, self.pad.top, self.h) else {
                         continue;
                     };
                     let src_row = &src[iy * self.w..(iy + 1) * self.w];
                     let dst_row = &mut row[oy * self.wo..(oy + 1) * self.wo];
-                    let (lo, hi) = self.inside(j);
-                    if lo >= hi {
-                        continue;
-                    }
-                    let s0 = lo * self.stride + j - self.pad.left;
                     if self.stride == 1 {
                         // contiguous run: output columns whose source column is inside
                         dst_row[lo..hi].copy_from_slice(&src_row[s0..s0 + (hi - lo)]);
@@ -143,17 +143,17 @@ impl Geometry {
         for i in 0..self.kh {
             for j in 0..self.kw {
                 let row = &src[(i * self.kw + j) * cols..(i * self.kw + j + 1) * cols];
+                let (lo, hi) = self.inside(j);
+                if lo >= hi {
+                    continue;
+                }
+                let s0 = lo * self.stride + j - self.pad.left;
                 for oy in 0..self.ho {
                     let Some(iy) = Self::source(oy, i, self.stride, self.pad.top, self.h) else {
                         continue;
                     };
                     let dst_row = &mut dst[iy * self.w..(iy + 1) * self.w];
                     let src_row = &row[oy * self.wo..(oy + 1) * self.wo];
-                    let (lo, hi) = self.inside(j);
-                    if lo >= hi {
-                        continue;
-                    }
-                    let s0 = lo * self.stride + j - self.pad.left;
                     for (d, v) in dst_row[s0..]
                         .iter_mut()
                         .step_by(self.stride)
