@@ -101,69 +101,60 @@ impl Geometry {
 }
 
 impl Geometry {
-    /// `im2col` of one channel plane `src` (h, w) into `dst` (kh * kw, Ho * Wo): row `i * kw + j`
-    /// holds the pixels that kernel tap (i, j) sees at every output position. Entries that fall
-    /// in the padding are not written (a zeroed `dst` keeps them zero).
-    pub(crate) fn gather_plane(&self, src: &[f32], dst: &mut [f32]) {
+    /// The runs that connect one channel plane (h, w) to its column matrix (kh * kw, Ho * Wo):
+    /// for each kernel tap and output row inside the input, `f(col, pix, len)` with the run's
+    /// start in the column matrix (`len` consecutive entries) and in the plane (`len` pixels
+    /// `stride` apart). Output positions that read the padding belong to no run.
+    fn runs(&self, mut f: impl FnMut(usize, usize, usize)) {
         let cols = self.cols();
         for i in 0..self.kh {
             for j in 0..self.kw {
-                let row = &mut dst[(i * self.kw + j) * cols..(i * self.kw + j + 1) * cols];
                 let (lo, hi) = self.inside(j);
                 if lo >= hi {
                     continue;
                 }
                 let s0 = lo * self.stride + j - self.pad.left;
                 for oy in 0..self.ho {
-                    let Some(iy) = Self::source(oy, i, self.stride, self.pad.top, self.h) else {
-                        continue;
-                    };
-                    let src_row = &src[iy * self.w..(iy + 1) * self.w];
-                    let dst_row = &mut row[oy * self.wo..(oy + 1) * self.wo];
-                    if self.stride == 1 {
-                        // contiguous run: output columns whose source column is inside
-                        dst_row[lo..hi].copy_from_slice(&src_row[s0..s0 + (hi - lo)]);
-                    } else {
-                        for (d, v) in dst_row[lo..hi]
-                            .iter_mut()
-                            .zip(src_row[s0..].iter().step_by(self.stride))
-                        {
-                            *d = *v;
-                        }
+                    if let Some(iy) = Self::source(oy, i, self.stride, self.pad.top, self.h) {
+                        f(
+                            (i * self.kw + j) * cols + oy * self.wo + lo,
+                            iy * self.w + s0,
+                            hi - lo,
+                        );
                     }
                 }
             }
         }
     }
 
+    /// `im2col` of one channel plane `src` (h, w) into `dst` (kh * kw, Ho * Wo): row `i * kw + j`
+    /// holds the pixels that kernel tap (i, j) sees at every output position. Entries that fall
+    /// in the padding are not written (a zeroed `dst` keeps them zero).
+    pub(crate) fn gather_plane(&self, src: &[f32], dst: &mut [f32]) {
+        self.runs(|col, pix, len| {
+            let d = &mut dst[col..col + len];
+            if self.stride == 1 {
+                d.copy_from_slice(&src[pix..pix + len]);
+            } else {
+                for (d, v) in d.iter_mut().zip(src[pix..].iter().step_by(self.stride)) {
+                    *d = *v;
+                }
+            }
+        });
+    }
+
     /// `col2im` of one channel: the adjoint of [`Geometry::gather_plane`], adding every entry
     /// of `src` (kh * kw, Ho * Wo) into the pixel of `dst` (h, w) it came from.
     pub(crate) fn scatter_plane(&self, src: &[f32], dst: &mut [f32]) {
-        let cols = self.cols();
-        for i in 0..self.kh {
-            for j in 0..self.kw {
-                let row = &src[(i * self.kw + j) * cols..(i * self.kw + j + 1) * cols];
-                let (lo, hi) = self.inside(j);
-                if lo >= hi {
-                    continue;
-                }
-                let s0 = lo * self.stride + j - self.pad.left;
-                for oy in 0..self.ho {
-                    let Some(iy) = Self::source(oy, i, self.stride, self.pad.top, self.h) else {
-                        continue;
-                    };
-                    let dst_row = &mut dst[iy * self.w..(iy + 1) * self.w];
-                    let src_row = &row[oy * self.wo..(oy + 1) * self.wo];
-                    for (d, v) in dst_row[s0..]
-                        .iter_mut()
-                        .step_by(self.stride)
-                        .zip(&src_row[lo..hi])
-                    {
-                        *d += *v;
-                    }
-                }
+        self.runs(|col, pix, len| {
+            for (d, v) in dst[pix..]
+                .iter_mut()
+                .step_by(self.stride)
+                .zip(&src[col..col + len])
+            {
+                *d += *v;
             }
-        }
+        });
     }
 
     /// The output columns `lo..hi` whose source column `ox * stride + j - pad.left` for kernel
@@ -178,7 +169,6 @@ impl Geometry {
     }
 }
 
-/// The contiguous f32 data of a tensor (copied only when it is not already contiguous f32).
 /// The values of a contiguous float32 CPU storage; `what` names the operand in the error.
 pub(crate) fn cpu_f32<'a>(
     s: &'a CpuStorage,
